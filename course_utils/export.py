@@ -61,23 +61,27 @@ def all_exports(notebooks=None) -> dict[str, tuple[Path, str]]:
     return found
 
 
-def drifted(notebooks=None, package_dir: Path = PACKAGE_DIR) -> list[str]:
-    """Modules whose file differs from what their notebook exports."""
-    stale = []
+def _stale(notebooks, package_dir: Path) -> dict[str, tuple[Path, str]]:
+    """{module: (target file, source)} for modules whose file differs from their notebook's cells."""
+    stale = {}
     for module, (_, source) in all_exports(notebooks).items():
         target = package_dir / f"{module}.py"
         if not target.exists() or target.read_text() != source:
-            stale.append(module)
+            stale[module] = (target, source)
     return stale
 
 
+def drifted(notebooks=None, package_dir: Path = PACKAGE_DIR) -> list[str]:
+    """Modules whose file differs from what their notebook exports."""
+    return list(_stale(notebooks, package_dir))
+
+
 def write_exports(notebooks=None, package_dir: Path = PACKAGE_DIR) -> list[Path]:
+    """Rewrite the modules that drifted; return their paths."""
     written = []
-    for module, (_, source) in all_exports(notebooks).items():
-        target = package_dir / f"{module}.py"
-        if not target.exists() or target.read_text() != source:
-            target.write_text(source)
-            written.append(target)
+    for target, source in _stale(notebooks, package_dir).values():
+        target.write_text(source)
+        written.append(target)
     return written
 
 

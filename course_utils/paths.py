@@ -20,3 +20,14 @@ def cache_dir() -> Path:
         root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-finetuning-course"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks (checkpoints can be large)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

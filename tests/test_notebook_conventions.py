@@ -18,6 +18,10 @@ def code_text(nb) -> str:
     return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
 
 
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks found in notebooks/"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 class TestSkeleton:
     def test_outputs_stripped(self, path):

@@ -4,6 +4,7 @@
 #   make lab      JupyterLab on notebooks/
 #   make doctor   check this machine: packages, models, memory, GPU
 # Parameters: make course SEED=3 PROFILE=gpu  (same for make test)
+# One notebook: make course NB=02  (several: NB="02 03")
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,6 +12,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SEED    ?=
 PROFILE ?=
+NB      ?=
 CELL_TIMEOUT ?= 600
 PARAMS := $(if $(SEED),COURSE_SEED=$(SEED)) $(if $(PROFILE),COURSE_PROFILE=$(PROFILE))
 
@@ -28,7 +30,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 course: $(STAMP)
-	$(PARAMS) $(BIN)/python -m course_utils.course run
+	$(PARAMS) $(BIN)/python -m course_utils.course run $(NB)
 
 test: $(STAMP)
 	$(PARAMS) $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -p no:cacheprovider

@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from . import paths
+from .errors import CourseError
 from .notebooks import course_notebooks, inject_parameters, overrides_from_env
 from .results import clear_results, format_value, read_results
 
@@ -114,11 +115,23 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def resolve_notebook(name: str) -> Path:
+    """A path as given, or the one course notebook whose file name starts with `name` ("02", "02_lora")."""
+    path = Path(name)
+    if path.exists():
+        return path
+    matches = [nb for nb in course_notebooks() if nb.name.startswith(path.name)]
+    if len(matches) != 1:
+        names = ", ".join(nb.stem for nb in course_notebooks())
+        raise CourseError(f"{name!r} names {'no' if not matches else 'more than one'} notebook; the notebooks are: {names}.")
+    return matches[0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Execute the course's notebooks headless into build/.")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="execute notebooks and print the results table")
-    run_p.add_argument("notebooks", nargs="*", help="notebook paths (default: all, in order)")
+    run_p.add_argument("notebooks", nargs="*", help="notebook paths or names such as 02 or 02_lora (default: all, in order)")
     run_p.add_argument("--seed", type=int, help="override SEED in every notebook")
     run_p.add_argument("--profile", choices=["cpu", "gpu"], help="override PROFILE in every notebook")
     exe_p = sub.add_parser("execute", help="(internal) execute one notebook")
@@ -134,7 +147,11 @@ def main(argv=None) -> int:
             return 1
         return 0
 
-    notebooks = [Path(p) for p in args.notebooks] or course_notebooks()
+    try:
+        notebooks = [resolve_notebook(p) for p in args.notebooks] or course_notebooks()
+    except CourseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     overrides = overrides_from_env()
     if args.seed is not None:
         overrides["SEED"] = args.seed

@@ -4,6 +4,7 @@ import nbformat
 import pytest
 
 from course_utils import course, notebooks, paths, results
+from course_utils.errors import CourseError
 
 
 @pytest.fixture
@@ -61,3 +62,14 @@ def test_record_result_formats_and_keeps_paper_value(build, capsys):
     results.record_result("speedup", 1.83456, unit="x", paper=2.0, notebook="nb")
     assert "speedup = 1.83 x   (paper: 2)" in capsys.readouterr().out
     assert results.read_results("nb")["speedup"] == {"value": 1.83456, "unit": "x", "paper": 2.0}
+
+
+def test_a_notebook_can_be_named_by_its_number():
+    from course_utils.course import resolve_notebook
+    from course_utils.notebooks import course_notebooks
+
+    first = course_notebooks()[0]
+    assert resolve_notebook(first.name[:2]) == first
+    assert resolve_notebook(str(first)) == first
+    with pytest.raises(CourseError, match="the notebooks are: 00_start_here"):
+        resolve_notebook("99")

@@ -143,10 +143,18 @@ class QuantState:
         return dequantize_absmax(self.absmax, self.offset, self.absmax_scale, self.absmax_code)
 
 
-def quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
-    """(packed uint8 [ceil(n/2)], QuantState): block-wise absmax quantization onto a sorted 16-value code."""
+def quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
+                  partial_block: bool = False):
+    """(packed uint8 [ceil(n/2)], QuantState): block-wise absmax quantization onto a sorted 16-value code.
+
+    A size that is not a multiple of blocksize is an error unless partial_block=True, which quantizes
+    the remainder as one shorter block, as bitsandbytes does."""
     check_weight(w)
     check_blocksize(blocksize)
+    if w.numel() % blocksize and not partial_block:
+        raise CourseError(f"The weight has {w.numel()} values, not a multiple of blocksize={blocksize}: its last "
+                          f"block would hold only {w.numel() % blocksize}. Pass partial_block=True to quantize it "
+                          "as a shorter block (what bitsandbytes does), or choose a blocksize that divides the size.")
     if code.numel() != 16 or not bool((code[1:] >= code[:-1]).all()):
         raise CourseError("A 4-bit code book needs 16 values sorted in increasing order.")
     code = code.to(device=w.device, dtype=torch.float32)
@@ -160,10 +168,10 @@ def quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64, doub
     return pack_nibbles(codes), state
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
-    """NF4 quantization as in QLoRA: (packed, state). Sizes that are not a multiple of blocksize
-    are fine (the last block is shorter, as in bitsandbytes)."""
-    return quantize_4bit(w, NF4_CODE, blocksize, double_quant)
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *, partial_block: bool = False):
+    """NF4 quantization as in QLoRA: (packed, state). A size that is not a multiple of blocksize
+    needs partial_block=True (the last block is then shorter, as in bitsandbytes)."""
+    return quantize_4bit(w, NF4_CODE, blocksize, double_quant, partial_block=partial_block)
 
 
 def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:

@@ -42,7 +42,7 @@ def test_pack_unpack_round_trip_and_order():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_equals_bitsandbytes_without_double_quant(shape, dtype):
     w = weight(*shape, dtype=dtype)
-    packed, state = quantize_nf4(w, 64, double_quant=False)
+    packed, state = quantize_nf4(w, 64, double_quant=False, partial_block=True)  # 37 x 29, 1000: short last block
     their_packed, their_state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
     assert torch.equal(packed, their_packed.view(-1))
     assert torch.equal(state.absmax, their_state.absmax)
@@ -82,10 +82,15 @@ def test_storage_bits():
     assert storage_bits(*quantize_nf4(w, 64), constants=True) > storage_bits(*quantize_nf4(w, 64))
 
 
-def test_size_not_multiple_of_block_is_padded_like_bitsandbytes():
-    """Decision: a size that is not a multiple of the block size is accepted; the last block is shorter."""
+def test_size_not_multiple_of_block_is_an_error_unless_asked_for():
+    with pytest.raises(CourseError, match="150 values, not a multiple of blocksize=64.*partial_block=True"):
+        quantize_nf4(weight(3, 50))
+
+
+def test_partial_last_block_is_quantized_like_bitsandbytes():
+    """With partial_block=True the last block is shorter, as bitsandbytes does it."""
     w = weight(3, 50)  # 150 weights: blocks of 64, 64, 22
-    packed, state = quantize_nf4(w, 64, double_quant=False)
+    packed, state = quantize_nf4(w, 64, double_quant=False, partial_block=True)
     assert packed.numel() == 75 and state.absmax.numel() == 3
     torch.testing.assert_close(state.absmax[2], w.reshape(-1)[128:].abs().max())
     torch.testing.assert_close(dequantize_nf4(packed, state),

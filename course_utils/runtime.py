@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -104,6 +105,22 @@ def default_threads() -> int:
     if quota := _cgroup_cpus():
         limits.append(quota)
     return max(1, min(limits))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with n torch CPU threads, then restore the setting. The lab model's matrices
+    are so small (128 wide) that splitting them across threads costs more than it saves."""
+    import torch
+
+    if n < 1:
+        raise CourseError(f"torch_threads({n}): the number of threads must be at least 1.")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _pick(profile: str, allow_mps: bool) -> tuple[str, str]:

@@ -156,3 +156,17 @@ def test_course_error_in_jupyter_is_one_line_and_the_cell_still_fails():
     assert output.output_type == "error" and output.ename == "CourseError"
     assert len(output.traceback) == 1 and "Run `make install` first." in output.traceback[0]
     assert nb.cells[2].outputs == []  # "Run All" stopped at the failed cell
+
+
+def test_torch_threads_sets_and_restores_the_thread_count():
+    import torch
+
+    from course_utils.runtime import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(CourseError, match="at least 1"):
+        with torch_threads(0):
+            pass

@@ -46,21 +46,29 @@ def results_path(notebook: str | None = None) -> Path:
     return paths.RESULTS_DIR / f"{notebook or current_notebook()}.json"
 
 
-def record_result(key: str, value, *, unit: str = "", paper=None, notebook: str | None = None):
+def record_result(key: str, value, *, unit: str = "", paper=None, goal=None, notebook: str | None = None):
     """Print a measured headline number and save it for the course table.
 
-    `paper` is the paper's figure for the same quantity, when there is one,
-    so the table can show "we measured / paper says" side by side.
+    `paper` is the paper's figure for the same quantity on the same scale,
+    when there is one, so the table can show "we measured / paper says" side
+    by side. A figure on another scale (another metric, model or data set)
+    is not the paper's value of ours: show it in the recap with its units.
+    `goal` is an engineering target of the course ("under 2% padding").
     """
     value = _plain(value)
     path = results_path(notebook)
     path.parent.mkdir(parents=True, exist_ok=True)
     stored = json.loads(path.read_text()) if path.exists() else {}
-    stored[key] = {"value": value, "unit": unit, "paper": _plain(paper)}
+    entry = {"value": value, "unit": unit, "paper": _plain(paper)}
+    if goal is not None:
+        entry["goal"] = _plain(goal)
+    stored[key] = entry
     path.write_text(json.dumps(stored, indent=2))
     shown = f"{key} = {format_value(value)}{(' ' + unit) if unit else ''}"
     if paper is not None:
         shown += f"   (paper: {format_value(paper)})"
+    if goal is not None:
+        shown += f"   (goal: {format_value(goal)})"
     print(shown)
     return value
 
@@ -87,3 +95,24 @@ def format_value(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(format_value(v) for v in value[:4]) + (", ...]" if len(value) > 4 else "]")
     return str(value)
+
+
+def markdown(text: str):
+    """Markdown rendered from this run's values: `markdown(f"r = {best} was best")`.
+
+    Prose that states a measured number is built in a code cell, so it is
+    re-rendered on every run and cannot go stale. Returns an IPython
+    `Markdown` object (displayed when it ends a cell); the text is dedented.
+    """
+    import textwrap
+
+    from IPython.display import Markdown
+
+    return Markdown(textwrap.dedent(text).strip("\n"))
+
+
+def percent_range(values) -> str:
+    """'87%' or '87% to 95%': the spread of a few accuracies, for prose."""
+    values = [float(v) for v in values]
+    low, high = min(values), max(values)
+    return f"{low:.0%}" if f"{low:.0%}" == f"{high:.0%}" else f"{low:.0%} to {high:.0%}"

@@ -30,3 +30,27 @@ def test_tolerance_for_floats_and_tensors():
     assert check_exercise(lambda t: t * 2, [((torch.ones(2),), torch.full((2,), 2.0))])
     with pytest.raises(AssertionError):
         check_exercise(lambda t: t * 2 + 1e-3, [((torch.ones(2),), torch.full((2,), 2.0))])
+
+
+def test_messages_say_what_differs():
+    cases = [((2,), 4.0)]
+    with pytest.raises(AssertionError, match="Python number, got a 0-d tensor"):
+        check_exercise(lambda x: torch.tensor(x * 2.0), cases)
+    with pytest.raises(AssertionError, match=r"shape \(3,\), expected \(2,\)"):
+        check_exercise(lambda t: torch.zeros(3), [((torch.ones(2),), torch.zeros(2))])
+    with pytest.raises(AssertionError, match="dtype torch.float64, expected torch.float32"):
+        check_exercise(lambda t: t.double(), [((torch.ones(2),), torch.ones(2))])
+    with pytest.raises(AssertionError, match="item 1 of the result is 3, expected 2"):
+        check_exercise(lambda n: [1, 3], [((2,), [1, 2])])
+    with pytest.raises(AssertionError, match="has 1 items, expected 2"):
+        check_exercise(lambda n: [1], [((2,), [1, 2])])
+    with pytest.raises(AssertionError, match="should be a str, got a int: 1"):
+        check_exercise(lambda n: 1, [((2,), "a")])
+
+
+def test_a_bool_is_not_a_number_and_ints_must_be_whole():
+    with pytest.raises(AssertionError, match="should be a number"):
+        check_exercise(lambda n: True, [((2,), 1)])
+    with pytest.raises(AssertionError, match="whole number"):
+        check_exercise(lambda n: 2.5, [((2,), 2)])
+    assert check_exercise(lambda n: 2.0, [((2,), 2)])

@@ -60,3 +60,57 @@ class TestSkeleton:
 
     def test_kernel_is_python3(self, path):
         assert load(path).metadata.get("kernelspec", {}).get("name") == "python3"
+
+
+TRACKER = re.compile(r"\bthe issue\b|\bissue tracker\b|\bissue #?\d+|\bthe tracker\b", re.I)
+TIER = re.compile(r"\*\*Exercise\s+\d+[^*]*\*\*\s*\((easy|medium|hard)\)", re.I)
+
+
+def tagged(nb, tag):
+    return [c for c in nb.cells if c.cell_type == "code" and tag in tags(c)]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+class TestExercises:
+    """The exercise format of CONTRIBUTING.md, which student copies and graders rely on."""
+
+    def test_one_starter_check_and_hidden_solution_each(self, path):
+        nb = load(path)
+        starters, checks, solutions = (tagged(nb, t) for t in ("exercise", "check", "solution"))
+        assert len(starters) >= 2, "at least two exercises, each a starter cell tagged 'exercise'"
+        assert len(checks) == len(starters) == len(solutions), (
+            f"{len(starters)} exercise, {len(checks)} check and {len(solutions)} solution cells: one of each per exercise")
+        for cell in starters:
+            assert "raise NotImplementedError" in cell.source, "a starter raises NotImplementedError until the learner writes it"
+        for cell in checks:
+            assert "check_exercise(" in cell.source, "a check cell calls check_exercise"
+        for cell in solutions:
+            assert cell.metadata.get("jupyter", {}).get("source_hidden"), "solution cells are hidden (jupyter.source_hidden)"
+            assert re.search(r"assert check_exercise\(\w+_solution\b", cell.source), "a solution cell asserts check_exercise(fn_solution, ...)"
+
+    def test_exercise_setup_opens_the_section(self, path):
+        nb = load(path)
+        setup_cells = tagged(nb, "exercise-setup")
+        assert len(setup_cells) == 1, "one code cell tagged 'exercise-setup' builds what the checks need"
+        first_exercise = next(i for i, c in enumerate(nb.cells) if "exercise" in tags(c))
+        assert nb.cells.index(setup_cells[0]) < first_exercise, "the exercise-setup cell comes before the first exercise"
+
+    def test_every_exercise_has_a_tier_and_one_is_hard(self, path):
+        prompts = [c.source for c in load(path).cells if c.cell_type == "markdown" and re.search(r"\*\*Exercise\s+\d+", c.source)]
+        tiers = [m.group(1).lower() for p in prompts for m in TIER.finditer(p)]
+        assert len(tiers) == len(tagged(load(path), "exercise")), "each exercise prompt reads '**Exercise N · Title** (easy|medium|hard)'"
+        assert "hard" in tiers, "at least one exercise asks for reasoning the page does not spell out: mark it (hard)"
+
+    def test_nothing_outside_solutions_uses_a_solution(self, path):
+        nb = load(path)
+        defined = {m.group(1) for c in tagged(nb, "solution") for m in re.finditer(r"^def (\w+)", c.source, re.M)}
+        for cell in nb.cells:
+            if cell.cell_type != "code" or "solution" in tags(cell):
+                continue
+            used = sorted(name for name in defined if re.search(rf"\b{name}\b", cell.source))
+            assert not used, f"a cell outside the solutions uses {used}: a student copy has no solution cells"
+
+    def test_no_tracker_references(self, path):
+        for cell in load(path).cells:
+            match = TRACKER.search(cell.source)
+            assert not match, f"{match.group(0)!r}: the page says why a number matters, not who asked for it"

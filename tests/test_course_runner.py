@@ -73,3 +73,29 @@ def test_a_notebook_can_be_named_by_its_number():
     assert resolve_notebook(str(first)) == first
     with pytest.raises(CourseError, match="the notebooks are: 00_start_here"):
         resolve_notebook("99")
+
+
+def test_a_goal_is_kept_apart_from_the_paper(build, capsys):
+    results.record_result("padding", 0.011, goal=0.02, notebook="nb")
+    assert "(goal: 0.02)" in capsys.readouterr().out
+    entry = results.read_results("nb")["padding"]
+    assert entry["goal"] == 0.02 and entry["paper"] is None
+    record = {"notebook": "nb", "status": "PASS", "wall_s": 1.0, "peak_bytes": 0, "error": ""}
+    assert "(goal: 0.02)" in course.table([record])
+
+
+def test_budgets_follow_the_notebook_number():
+    assert course.budget_seconds("01_memory") == 180
+    assert course.budget_seconds("02_lora") == 120
+    assert course.budget_seconds("07_ties") == 120
+    over = {"notebook": "02_lora", "status": "PASS", "wall_s": 150.0, "peak_bytes": 0, "error": ""}
+    assert "PASS*" in course.table([over])
+
+
+def test_markdown_is_rendered_from_values():
+    shown = results.markdown(f"""
+        r = {8} was best
+    """)
+    assert shown.data == "r = 8 was best"
+    assert results.percent_range([0.87, 0.951]) == "87% to 95%"
+    assert results.percent_range([0.5, 0.501]) == "50%"

@@ -33,32 +33,49 @@ def export_target(cell) -> str | None:
     return match.group(1) if match else None
 
 
-def render_modules(notebook: Path) -> dict[str, str]:
-    """{module name: module source} for every `#| export` cell of a notebook."""
+def export_bodies(notebook: Path) -> dict[str, list[str]]:
+    """{module name: [cell bodies in order]} for every `#| export` cell of a notebook."""
     nb = nbformat.read(notebook, as_version=4)
     bodies: dict[str, list[str]] = {}
     for cell in nb.cells:
         module = export_target(cell)
         if module:
-            body = "\n".join(cell.source.splitlines()[1:]).strip("\n")
-            bodies.setdefault(module, []).append(body)
+            bodies.setdefault(module, []).append("\n".join(cell.source.splitlines()[1:]).strip("\n"))
+    return bodies
+
+
+def render_module(parts: list[tuple[Path, list[str]]]) -> str:
+    """One module's source from its notebooks' cells, in course order.
+
+    A module may grow over several notebooks (the memory estimator gains
+    sharding in the distributed notebook, say): each later notebook's cells
+    follow the earlier ones, under a comment naming where they come from.
+    """
+    names = " and ".join(f"notebooks/{notebook.name}" for notebook, _ in parts)
     header = (
-        f'"""Exported from notebooks/{notebook.name}: do not edit here.\n\n'
+        f'"""Exported from {names}: do not edit here.\n\n'
         "Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.\n"
         '"""\n'
     )
-    return {name: header + "\n\n" + "\n\n\n".join(parts) + "\n" for name, parts in bodies.items()}
+    chunks = []
+    for index, (notebook, bodies) in enumerate(parts):
+        section = "\n\n\n".join(bodies)
+        chunks.append(section if index == 0 else f"# ---- from notebooks/{notebook.name} ----\n\n{section}")
+    return header + "\n\n" + "\n\n\n".join(chunks) + "\n"
 
 
-def all_exports(notebooks=None) -> dict[str, tuple[Path, str]]:
-    """{module: (notebook, source)} across the course; one notebook per module."""
-    found: dict[str, tuple[Path, str]] = {}
-    for notebook in notebooks if notebooks is not None else course_notebooks():
-        for module, source in render_modules(notebook).items():
-            if module in found:
-                raise ValueError(f"module {module!r} is exported by both {found[module][0].name} and {notebook.name}")
-            found[module] = (notebook, source)
-    return found
+def render_modules(notebook: Path) -> dict[str, str]:
+    """{module name: module source} for the `#| export` cells of one notebook alone."""
+    return {name: render_module([(notebook, bodies)]) for name, bodies in export_bodies(notebook).items()}
+
+
+def all_exports(notebooks=None) -> dict[str, tuple[list[Path], str]]:
+    """{module: (its notebooks, source)} across the course, each module assembled in course order."""
+    parts: dict[str, list[tuple[Path, list[str]]]] = {}
+    for notebook in sorted(notebooks if notebooks is not None else course_notebooks(), key=lambda p: p.name):
+        for module, bodies in export_bodies(notebook).items():
+            parts.setdefault(module, []).append((notebook, bodies))
+    return {module: ([nb for nb, _ in found], render_module(found)) for module, found in parts.items()}
 
 
 def _stale(notebooks, package_dir: Path) -> dict[str, tuple[Path, str]]:

@@ -38,8 +38,16 @@ def test_write_then_no_drift(tmp_path):
     assert export.drifted([nb], tmp_path) == ["demo"]
 
 
-def test_one_module_one_notebook(tmp_path):
-    a = make_notebook(tmp_path / "01_a.ipynb", "#| export demo\nA = 1")
-    b = make_notebook(tmp_path / "02_b.ipynb", "#| export demo\nB = 1")
-    with pytest.raises(ValueError, match="both"):
-        export.all_exports([a, b])
+def test_a_module_grows_over_notebooks_in_course_order(tmp_path):
+    later = make_notebook(tmp_path / "10_b.ipynb", "#| export demo\ndef twice():\n    return 2 * base()")
+    first = make_notebook(tmp_path / "01_a.ipynb", "#| export demo\ndef base():\n    return 21")
+    modules = export.all_exports([later, first])  # given out of order: assembled in course order
+    notebooks, source = modules["demo"]
+    assert [nb.name for nb in notebooks] == ["01_a.ipynb", "10_b.ipynb"]
+    assert source.index("def base") < source.index("# ---- from notebooks/10_b.ipynb") < source.index("def twice")
+    namespace = {}
+    exec(source, namespace)
+    assert namespace["twice"]() == 42
+    export.write_exports([first, later], tmp_path)
+    assert export.drifted([first, later], tmp_path) == []
+    assert export.drifted([first], tmp_path) == ["demo"]  # the later notebook's cells are part of the module

@@ -114,3 +114,20 @@ class TestExercises:
         for cell in load(path).cells:
             match = TRACKER.search(cell.source)
             assert not match, f"{match.group(0)!r}: the page says why a number matters, not who asked for it"
+
+
+# A measured-looking number: a percentage, a decimal, or "N x" / "N GB" / "N MB". A line that cites
+# its source (a paper, a seed document, the lab card) or states a formula may hold one.
+MEASURED = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?\s?%|\d+\.\d{2,}|\d{2,}\.\d+|\d+(?:\.\d+)?\s?(?:x|×|GB|MB)(?![\w]))")
+CITED = re.compile(r"et al|arXiv|Table \d|paper|seed 00\d|README|card|formula|=|\$", re.I)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_markdown_states_no_measured_number_by_hand(path):
+    """Measured numbers are rendered by a code cell from the run (CONTRIBUTING.md, rule 1)."""
+    for index, cell in enumerate(load(path).cells[1:], 1):  # the title cell holds the time budgets
+        if cell.cell_type != "markdown":
+            continue
+        hits = [m.group(0) for line in cell.source.splitlines()
+                if not CITED.search(line) and not line.lstrip().startswith("#") for m in MEASURED.finditer(line)]
+        assert not hits, f"markdown cell {index} states {hits}: render measured numbers from the run, or cite the source"

@@ -6,10 +6,7 @@ Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
 
 """LoRA from scratch: a LoRALinear layer, adding it to a model, merging, saving adapters.
 
-Built step by step in notebooks/02_lora_from_scratch.ipynb, where every piece
-is proved equal to PEFT's LoRA. The structure follows PEFT's LoraLayer:
-`base_layer` (frozen), `lora_A` (in -> r), `lora_B` (r -> out), `scaling`
-(alpha / r) and a `merged` flag.
+Built step by step in notebooks/02_lora_from_scratch.ipynb, where every piece is proved equal to PEFT's LoRA.
 """
 
 import json
@@ -27,31 +24,26 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        check_rank(r, base_layer.in_features, base_layer.out_features)
+        check_rank(r, base_layer.in_features, base_layer.out_features)  # argument checks: next cell
         self.base_layer = base_layer.requires_grad_(False)
-        self.r, self.alpha = r, alpha
-        self.scaling = alpha / r
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **factory)
-        self.reset_lora_parameters()
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # A random (PEFT's default)
+        nn.init.zeros_(self.lora_B.weight)                            # B = 0: the update starts at exactly 0
         self.merged = False
-
-    def reset_lora_parameters(self):
-        """A random (Kaiming-uniform, as PEFT's default), B zero: the update B A starts at exactly 0."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    def delta_weight(self) -> torch.Tensor:
-        """Delta W = (alpha / r) * B A, the same shape as the base weight (out x in)."""
-        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged:  # Delta W already sits inside base_layer.weight
+        if self.merged:  # Delta W already sits inside base_layer.weight (section 1.3)
             return result
         return result + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))
+
+    def delta_weight(self) -> torch.Tensor:
+        """Delta W = scaling * B A, the same shape as the base weight (out x in)."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"

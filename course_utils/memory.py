@@ -301,28 +301,12 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, recompute: bool = Fa
     return 2 * s * b * h if recompute else round(s * b * h * (34 + 5 * a * s / h))
 
 
-def _positive(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CourseError(f"{name}={value!r} must be a whole number >= 1.")
-    return value
-
-
 def estimate_memory(config, *, method: str = "full", dtype=torch.float32, optimizer: str = "adamw", batch_size: int = 1,
                     seq_len: int = 512, lora_rank: int = 8, lora_targets=("q_proj", "v_proj"), gradient_checkpointing: bool = False,
                     attention: str | None = None, mixed_precision: bool | None = None, double_quant: bool = True,
                     adapter_dtype=torch.float32, foreach: bool = True) -> MemoryBreakdown:
     """Bytes of one training step of a causal LM, from its config alone (see the notebook for every formula)."""
-    if method not in METHODS:
-        raise CourseError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
-    e = DTYPE_BYTES[dtype_name(dtype)]
-    optimizer = check_optimizer(optimizer)
-    _positive("batch_size", batch_size)
-    _positive("seq_len", seq_len)
-    attention = attention or getattr(text_config(config), "_attn_implementation", None) or "sdpa"
-    if attention not in ATTENTIONS:
-        raise CourseError(f"attention={attention!r} is not modelled; use 'eager' or 'sdpa'.")
-    if method == "qlora" and e == FLOAT_BYTES:
-        raise CourseError("QLoRA computes in 16 bits: pass dtype=torch.bfloat16 (or float16) with method='qlora'.")
+    e, optimizer, attention = check_arguments(config, method, dtype, optimizer, batch_size, seq_len, attention)  # CourseError if wrong
     mixed = (e != FLOAT_BYTES) if mixed_precision is None else (mixed_precision and e != FLOAT_BYTES)
     numels, linears = architecture(config)
     n_total = sum(numels)
@@ -369,6 +353,28 @@ def estimate_inference(config, *, dtype=torch.float16, batch_size: int = 1, seq_
     n_total = sum(architecture(config)[0])
     kv = 2 * sh.layers * sh.t * sh.kv_heads * sh.head_dim * e
     return MemoryBreakdown(weights=n_total * e, kv_cache=kv, detail={"parameters": n_total})
+
+
+def _positive(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CourseError(f"{name}={value!r} must be a whole number >= 1.")
+    return value
+
+
+def check_arguments(config, method, dtype, optimizer, batch_size, seq_len, attention) -> tuple[int, str, str]:
+    """(compute dtype bytes, optimizer name, attention kernel) for estimate_memory, or a CourseError saying what to fix."""
+    if method not in METHODS:
+        raise CourseError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
+    e = DTYPE_BYTES[dtype_name(dtype)]
+    optimizer = check_optimizer(optimizer)
+    _positive("batch_size", batch_size)
+    _positive("seq_len", seq_len)
+    attention = attention or getattr(text_config(config), "_attn_implementation", None) or "sdpa"
+    if attention not in ATTENTIONS:
+        raise CourseError(f"attention={attention!r} is not modelled; use 'eager' or 'sdpa'.")
+    if method == "qlora" and e == FLOAT_BYTES:
+        raise CourseError("QLoRA computes in 16 bits: pass dtype=torch.bfloat16 (or float16) with method='qlora'.")
+    return e, optimizer, attention
 
 
 def storage_bytes(tensors) -> int:

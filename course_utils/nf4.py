@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 from course_utils.errors import CourseError
 
-NF4_OFFSET = 0.9677083  # outermost normal probability of the NF4 code (QLoRA, bitsandbytes)
+# outermost normal probability of the NF4 code: the centre of the outermost of n equal-probability bins
+# is 1 - 1/(2n); NF4 (8 values on one side, 7 on the other) takes the mean of n = 15 and n = 16
+NF4_OFFSET_EXACT = ((1 - 1 / 30) + (1 - 1 / 32)) / 2
+NF4_OFFSET = round(NF4_OFFSET_EXACT, 7)  # bitsandbytes built its table with the offset to 7 decimals
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the sizes bitsandbytes accepts
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ABSMAX_BLOCKSIZE = 256  # double quantization: absmax constants per 8-bit block
@@ -34,23 +37,6 @@ def build_nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
 
 
 NF4_CODE = build_nf4_code()
-
-
-def check_weight(w) -> None:
-    """A CourseError unless w is a non-empty float32/float16/bfloat16 tensor."""
-    if not isinstance(w, torch.Tensor):
-        raise CourseError(f"quantize_nf4 takes a torch.Tensor, not {type(w).__name__}.")
-    if w.dtype not in SUPPORTED_DTYPES:
-        raise CourseError(f"quantize_nf4 takes float32, float16 or bfloat16 weights, not {w.dtype}: "
-                          "convert first, e.g. w.float().")
-    if w.numel() == 0:
-        raise CourseError("quantize_nf4 got an empty tensor: there is nothing to quantize.")
-
-
-def check_blocksize(blocksize) -> None:
-    if blocksize not in SUPPORTED_BLOCKSIZES:
-        raise CourseError(f"blocksize={blocksize!r} is not supported; use one of {SUPPORTED_BLOCKSIZES} "
-                          "(the block sizes bitsandbytes accepts; the paper uses 64).")
 
 
 def to_blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -143,6 +129,44 @@ class QuantState:
         return dequantize_absmax(self.absmax, self.offset, self.absmax_scale, self.absmax_code)
 
 
+def quantize_4bit_core(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
+    """The idea, without argument checks: absmax per block, nearest code, two codes per byte, 8-bit absmax."""
+    code = code.to(device=w.device, dtype=torch.float32)
+    codes, absmax = quantize_blockwise(w.reshape(-1), code, blocksize)
+    if codes.numel() % 2:  # fill the last byte with the code of 0, as bitsandbytes does
+        codes = torch.cat([codes, nearest_code(torch.zeros(1, device=w.device), code)])
+    state = QuantState(shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=code, absmax=absmax)
+    if double_quant:
+        state.absmax, state.offset, state.absmax_scale = quantize_absmax(absmax)
+        state.absmax_code = DYNAMIC_CODE.to(w.device)
+    return pack_nibbles(codes), state
+
+
+def dequantize_core(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """One table lookup per byte, row b of `pairs` = (code[b >> 4], code[b & 15]), times the block's absmax."""
+    n = math.prod(state.shape)
+    pairs = torch.stack([state.code.repeat_interleave(16), state.code.repeat(16)], dim=1)
+    values = to_blocks(pairs[packed.reshape(-1).long()].view(-1)[:n], state.blocksize) * state.block_absmax().unsqueeze(1)
+    return values.view(-1)[:n].view(state.shape).to(state.dtype)
+
+
+def check_weight(w) -> None:
+    """A CourseError unless w is a non-empty float32/float16/bfloat16 tensor."""
+    if not isinstance(w, torch.Tensor):
+        raise CourseError(f"quantize_nf4 takes a torch.Tensor, not {type(w).__name__}.")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise CourseError(f"quantize_nf4 takes float32, float16 or bfloat16 weights, not {w.dtype}: "
+                          "convert first, e.g. w.float().")
+    if w.numel() == 0:
+        raise CourseError("quantize_nf4 got an empty tensor: there is nothing to quantize.")
+
+
+def check_blocksize(blocksize) -> None:
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise CourseError(f"blocksize={blocksize!r} is not supported; use one of {SUPPORTED_BLOCKSIZES} "
+                          "(the block sizes bitsandbytes accepts; the paper uses 64).")
+
+
 def quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
                   partial_block: bool = False):
     """(packed uint8 [ceil(n/2)], QuantState): block-wise absmax quantization onto a sorted 16-value code.
@@ -157,15 +181,7 @@ def quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64, doub
                           "as a shorter block (what bitsandbytes does), or choose a blocksize that divides the size.")
     if code.numel() != 16 or not bool((code[1:] >= code[:-1]).all()):
         raise CourseError("A 4-bit code book needs 16 values sorted in increasing order.")
-    code = code.to(device=w.device, dtype=torch.float32)
-    codes, absmax = quantize_blockwise(w.reshape(-1), code, blocksize)
-    if codes.numel() % 2:  # fill the last byte with the code of 0, as bitsandbytes does
-        codes = torch.cat([codes, nearest_code(torch.zeros(1, device=w.device), code)])
-    state = QuantState(shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=code, absmax=absmax)
-    if double_quant:
-        state.absmax, state.offset, state.absmax_scale = quantize_absmax(absmax)
-        state.absmax_code = DYNAMIC_CODE.to(w.device)
-    return pack_nibbles(codes), state
+    return quantize_4bit_core(w, code, blocksize, double_quant)
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *, partial_block: bool = False):
@@ -180,10 +196,7 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise CourseError(f"packed must be the uint8 tensor of {(n + 1) // 2} bytes that quantize_nf4 returned "
                           f"with this state, got {packed.dtype} with {packed.numel()} elements.")
-    # one lookup per byte: row b of `pairs` holds (code[b >> 4], code[b & 15])
-    pairs = torch.stack([state.code.repeat_interleave(16), state.code.repeat(16)], dim=1)
-    values = to_blocks(pairs[packed.reshape(-1).long()].view(-1)[:n], state.blocksize) * state.block_absmax().unsqueeze(1)
-    return values.view(-1)[:n].view(state.shape).to(state.dtype)
+    return dequantize_core(packed, state)
 
 
 def storage_bits(packed: torch.Tensor, state: QuantState, *, constants: bool = False) -> float:

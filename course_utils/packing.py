@@ -23,6 +23,50 @@ IGNORE_INDEX = -100  # label value that cross-entropy skips
 STRATEGIES = ("naive", "ffd", "bfd")
 
 
+def _next_fit(lengths, max_len):
+    """naive: in order; a new row when the next sample does not fit in the current one."""
+    rows, room = [], 0
+    for i, length in enumerate(lengths):
+        if not rows or length > room:
+            rows.append([])
+            room = max_len
+        rows[-1].append(i)
+        room -= length
+    return rows
+
+
+def _first_fit(order, lengths, max_len):
+    """ffd (order = longest first): each sample into the first row with room for it."""
+    rows, rooms = [], []
+    for i in order:
+        row = next((r for r, room in enumerate(rooms) if lengths[i] <= room), None)
+        if row is None:
+            row = len(rows)
+            rows.append([])
+            rooms.append(max_len)
+        rows[row].append(i)
+        rooms[row] -= lengths[i]
+    return rows
+
+
+def _best_fit(order, lengths, max_len):
+    """bfd: each sample into the row it fills most tightly; among equal rooms, the one that has waited longest."""
+    rows, rooms, since = [], [], []  # since: the step at which a row's room last changed (TRL's tie-break)
+    for step, i in enumerate(order):
+        fits = [r for r, room in enumerate(rooms) if lengths[i] <= room]
+        if fits:
+            row = min(fits, key=lambda r: (rooms[r], since[r]))
+        else:
+            row = len(rows)
+            rows.append([])
+            rooms.append(max_len)
+            since.append(step)
+        rows[row].append(i)
+        rooms[row] -= lengths[i]
+        since[row] = step
+    return rows
+
+
 def sample_lengths(lengths_or_sequences) -> list[int]:
     """Token counts from lengths, token sequences or samples; a CourseError if there is nothing to pack."""
     items = list(lengths_or_sequences)
@@ -73,47 +117,6 @@ def pack(lengths_or_sequences, max_len: int, strategy: str = "bfd") -> list[list
     raise CourseError(f"Unknown packing strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
 
 
-def _next_fit(lengths, max_len):
-    rows, room = [], 0
-    for i, length in enumerate(lengths):
-        if not rows or length > room:
-            rows.append([])
-            room = max_len
-        rows[-1].append(i)
-        room -= length
-    return rows
-
-
-def _first_fit(order, lengths, max_len):
-    rows, rooms = [], []
-    for i in order:
-        row = next((r for r, room in enumerate(rooms) if lengths[i] <= room), None)
-        if row is None:
-            row = len(rows)
-            rows.append([])
-            rooms.append(max_len)
-        rows[row].append(i)
-        rooms[row] -= lengths[i]
-    return rows
-
-
-def _best_fit(order, lengths, max_len):
-    rows, rooms, since = [], [], []  # since: the step at which a row's room last changed (TRL's tie-break)
-    for step, i in enumerate(order):
-        fits = [r for r, room in enumerate(rooms) if lengths[i] <= room]
-        if fits:
-            row = min(fits, key=lambda r: (rooms[r], since[r]))  # the tightest row; the longest-waiting on ties
-        else:
-            row = len(rows)
-            rows.append([])
-            rooms.append(max_len)
-            since.append(step)
-        rows[row].append(i)
-        rooms[row] -= lengths[i]
-        since[row] = step
-    return rows
-
-
 def packed_position_ids(seq_lens) -> torch.Tensor:
     """Position ids that restart at 0 for every sample: [0..L1-1, 0..L2-1, ...] (a LongTensor of sum(L) ids)."""
     return torch.cat([torch.arange(length) for length in sample_lengths(seq_lens)])
@@ -132,25 +135,35 @@ def packed_labels(samples) -> list[int]:
     return labels
 
 
+def segment_ids(seq_lens, total_len: int | None = None) -> torch.Tensor:
+    """Which sample each token of a row belongs to: [0]*L1 + [1]*L2 + ...; padding to total_len gets -1, -2, ..."""
+    lengths = sample_lengths(seq_lens)
+    padding = (sum(lengths) if total_len is None else total_len) - sum(lengths)
+    if padding < 0:
+        raise CourseError(f"total_len={total_len} is shorter than the samples ({sum(lengths)} tokens): "
+                          f"raise it to >= {sum(lengths)}.")
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return torch.cat([segment, -1 - torch.arange(padding)])  # each padding position is a segment of its own
+
+
+def may_attend(segment: torch.Tensor, query, key):
+    """The block-diagonal causal rule: the same sample, and the key not after the query."""
+    return (segment[query] == segment[key]) & (key <= query)
+
+
 def block_diagonal_mask(seq_lens, dtype: torch.dtype = torch.float32, total_len: int | None = None) -> torch.Tensor:
     """Additive causal mask [1, 1, T, T]: 0 where a token may attend (same sample, not later), finfo.min elsewhere.
 
     T = sum(seq_lens), or total_len to pad the row: each padding position then attends only to itself.
     """
-    lengths = sample_lengths(seq_lens)
     if not dtype.is_floating_point:
         raise CourseError(f"block_diagonal_mask needs a float dtype, not {dtype}: attention adds the mask to its "
                           "scores, and a boolean 4D mask is silently ignored by eager attention. Use torch.float32 "
                           "(or the model's dtype).")
-    used = sum(lengths)
-    total = used if total_len is None else total_len
-    if total < used:
-        raise CourseError(f"total_len={total_len} is shorter than the samples ({used} tokens): raise it to >= {used}.")
-    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    segment = torch.cat([segment, -1 - torch.arange(total - used)])  # each padding position is its own segment
-    position = torch.arange(total)
-    allowed = (segment[:, None] == segment[None, :]) & (position[None, :] <= position[:, None])
-    mask = torch.zeros(total, total, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    segment = segment_ids(seq_lens, total_len)
+    position = torch.arange(len(segment))
+    allowed = may_attend(segment, position[:, None], position[None, :])
+    mask = torch.zeros(len(segment), len(segment), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
 

@@ -9,6 +9,7 @@ labels are -100 everywhere except on the assistant's tokens (the chat
 template's `{% generation %}` block decides which those are).
 """
 
+import inspect
 import itertools
 import random
 import time
@@ -70,12 +71,21 @@ def train(
     `callback(step, loss)` runs after every step (step counts from 1); if it
     returns True, training stops there (e.g. once an evaluation passes).
     The model is left in eval mode.
+
+    The forward pass runs with `use_cache=False` (when the model takes that
+    argument): a transformers model otherwise reads `use_cache` from its
+    config (True by default) in train mode as in eval mode, builds a KV
+    cache, and then no longer recognises packed rows given by position ids
+    alone (DataCollatorWithFlattening, TRL's padding-free batches), so the
+    packed samples would attend to each other. A cache is never needed to
+    compute a training loss.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise CourseError("The model has no trainable parameters: set requires_grad=True on the ones to train.")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     device = next(model.parameters()).device
+    no_cache = {"use_cache": False} if _takes_use_cache(model) else {}
     batch_iter = _endless(batches)
     history = TrainHistory()
     model.train()
@@ -86,7 +96,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = step_lr
         batch = {k: v.to(device) for k, v in next(batch_iter).items()}
-        loss = model(**batch).loss
+        loss = model(**batch, **no_cache).loss
         loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -102,6 +112,12 @@ def train(
     history.seconds = time.perf_counter() - start
     model.eval()
     return history
+
+
+def _takes_use_cache(model: torch.nn.Module) -> bool:
+    """Whether model(...) accepts use_cache= (a transformers or PEFT model does; a plain module may not)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _endless(batches: Iterable[dict]) -> Iterator[dict]:

@@ -201,3 +201,32 @@ def test_matches_peft(model, base_model, ids):
             theirs.lora_A["default"].weight.copy_(layer.lora_A.weight)
             theirs.lora_B["default"].weight.copy_(layer.lora_B.weight)
     torch.testing.assert_close(logits(twin, ids), logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_one_training_step_with_dropout_matches_peft(model, base_model, ids):
+    """Dropout sits on the LoRA branch's input, in training only: one AdamW step lands where PEFT's does."""
+    peft = pytest.importorskip("peft")
+    add_lora(model, ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.3)
+    randomize_B(model)
+    twin = peft.get_peft_model(copy.deepcopy(base_model),
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.3))
+    pairs = []
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            theirs = twin.base_model.model.get_submodule(name)
+            for part in "AB":
+                ours_w, theirs_w = getattr(layer, f"lora_{part}").weight, getattr(theirs, f"lora_{part}")["default"].weight
+                theirs_w.copy_(ours_w)
+                pairs.append((ours_w, theirs_w))
+    for net in (model, twin):
+        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(5)
+        net.train()
+        net(ids, labels=ids).loss.backward()
+        optimizer.step()
+    difference = max((o - t).abs().max().item() for o, t in pairs)
+    for ours_w, theirs_w in pairs:
+        torch.testing.assert_close(ours_w, theirs_w)
+    assert all(torch.equal(layer.base_layer.weight, base_model.get_submodule(name).weight)
+               for name, layer in lora_layers(model).items()), "the base weights stay frozen"
+    assert difference <= 1e-5

@@ -73,7 +73,7 @@ def test_activations_match_saved_tensors(tiny, attention, method, targets, shape
         set_attention(tiny, "sdpa")
     kw = {"lora_rank": 4, "lora_targets": targets} if targets else {}
     est = estimate_memory(tiny_config(attention), method=method, batch_size=shape[0], seq_len=shape[1], **kw).activations
-    assert abs(est - got) / got <= 0.10
+    assert abs(est - got) / got <= 0.005  # CPU: every saved tensor is named, so the count is exact
 
 
 def test_bf16_pure_and_eager_attention_scores(tiny):
@@ -82,7 +82,7 @@ def test_bf16_pure_and_eager_attention_scores(tiny):
     got = measure_memory(model, batch(2, 11), optimizer="adamw")
     est = estimate_memory(tiny_config("eager"), dtype=torch.bfloat16, mixed_precision=False, batch_size=2, seq_len=11)
     assert (got.weights, got.gradients, got.optimizer) == (est.weights, est.gradients, est.optimizer)
-    assert abs(est.activations - got.activations) / got.activations <= 0.10
+    assert abs(est.activations - got.activations) / got.activations <= 0.005
 
 
 def test_eager_grows_quadratically_sdpa_linearly():

@@ -10,7 +10,8 @@ from transformers.integrations.neftune import activate_neftune, deactivate_neftu
 
 from course_utils.errors import CourseError
 from course_utils.neftune import (attach_neftune, check_alpha, detach_neftune, input_embeddings, neftune,
-                                  neftune_alpha, neftune_hook, neftune_noise, noise_scale)
+                                  neftune_alpha, neftune_hook, neftune_noise, noise_scale, per_sample_noise,
+                                  token_lengths)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +157,96 @@ def test_detaching_without_hook_raises(model):
 def test_not_a_transformers_model():
     with pytest.raises(CourseError, match="get_input_embeddings"):
         attach_neftune(nn.Linear(3, 3), 5)
+
+
+# ---------------------------------------------------------------- per-sample L
+
+
+def test_token_lengths_padded_packed_and_left_padded():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    # padding counts in no sample, on either side; a padding token takes its row's length
+    assert token_lengths(mask.shape, mask).tolist() == [[3.0] * 5, [5.0] * 5, [3.0] * 5]
+    packed = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert token_lengths(packed.shape, position_ids=packed).tolist() == [[3.0] * 3 + [2.0] * 2 + [4.0] * 4]
+    assert token_lengths((2, 4)).tolist() == [[4.0] * 4] * 2  # no mask, no position ids: every row is one sample
+
+
+def test_token_lengths_ignore_a_4d_mask_and_never_return_zero():
+    packed = torch.tensor([[0, 1, 0, 1, 2, 0, 0]])  # two samples, then two padding tokens (position 0 each)
+    four_d = torch.zeros(1, 1, 7, 7)
+    assert token_lengths(packed.shape, four_d, packed).tolist() == [[2.0, 2.0, 3.0, 3.0, 3.0, 1.0, 1.0]]
+    empty = torch.tensor([[0, 0, 0]])
+    assert token_lengths(empty.shape, empty).min() >= 1
+
+
+def test_per_sample_noise_has_each_samples_scale():
+    torch.manual_seed(0)
+    lengths = torch.tensor([[4.0] * 4 + [16.0] * 4])
+    noise = per_sample_noise(torch.zeros(1, 8, 4096), 10, lengths)
+    for span, n in ((slice(0, 4), 4), (slice(4, 8), 16)):
+        s = 10 / math.sqrt(n * 4096)
+        part = noise[:, span]
+        assert part.abs().max() <= s * (1 + 1e-6) and part.abs().max() > 0.99 * s
+        assert abs(part.pow(2).mean().item() / (s * s / 3) - 1) <= 6 * math.sqrt(0.8 / part.numel())
+
+
+def test_per_sample_without_padding_equals_transformers(model, ids):
+    mask = torch.ones_like(ids)
+    model.train()
+    with neftune(model, 5, per_sample=True):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            ours = model(input_ids=ids, attention_mask=mask).logits
+    handle = activate_neftune(model, 5)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+    deactivate_neftune(model, handle)
+    model.eval()
+    assert torch.equal(ours, theirs)
+
+
+def test_per_sample_reads_the_mask_through_the_model(model, ids):
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0  # row 0 holds a sample of 3 tokens
+    captured = []
+    embeddings = input_embeddings(model)
+    with torch.no_grad():
+        clean = embeddings(ids)
+    with neftune(model, 10, per_sample=True):
+        probe = embeddings.register_forward_hook(lambda m, i, out: captured.append(out - clean))
+        model.train()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        probe.remove()
+    model.eval()
+    noise = captured[0]
+    dim = noise.size(-1)
+    assert noise[0].abs().max() > 10 / math.sqrt(ids.size(1) * dim)  # more than the row's scale allows
+    assert noise[0].abs().max() <= 10 / math.sqrt(3 * dim) * (1 + 1e-6)
+    assert noise[1].abs().max() <= 10 / math.sqrt(ids.size(1) * dim) * (1 + 1e-6)
+
+
+def test_per_sample_detach_removes_the_recorder_and_survives_deepcopy(model, ids):
+    model.train()
+    plain = logits_after_seed(model, ids)
+    attach_neftune(model, 5, per_sample=True)
+    assert len(model._forward_pre_hooks) == 1 and neftune_alpha(model) == 5.0
+    twin = copy.deepcopy(model)
+    assert detach_neftune(twin) == 5.0 and not twin._forward_pre_hooks and not input_embeddings(twin)._forward_hooks
+    assert len(model._forward_pre_hooks) == 1, "detaching the copy leaves the original's hooks"
+    assert detach_neftune(model) == 5.0
+    assert not model._forward_pre_hooks and not model._forward_pre_hooks_with_kwargs
+    assert torch.equal(logits_after_seed(model, ids), plain)  # plain again: no noise in training mode
+    model.eval()
+
+
+def test_per_sample_needs_the_models_forward(model, ids):
+    with neftune(model, 5, per_sample=True):
+        embeddings = input_embeddings(model).train()
+        with pytest.raises(CourseError, match="call the model"):
+            embeddings(ids)
+        embeddings.eval()
+        assert torch.equal(embeddings(ids), nn.functional.embedding(ids, embeddings.weight))  # eval: no noise, no error
+    model.eval()

@@ -10,6 +10,9 @@ from course_utils.errors import CourseError
 from course_utils.nf4 import (
     DYNAMIC_CODE,
     NF4_CODE,
+    NF4_OFFSET,
+    NF4_OFFSET_EXACT,
+    build_nf4_code,
     QLoRALinear,
     add_qlora,
     dequantize_nf4,
@@ -29,6 +32,16 @@ def test_code_book_equals_bitsandbytes():
     torch.testing.assert_close(NF4_CODE, bnbF.get_4bit_type("nf4", device="cpu"), atol=1e-6, rtol=0)
     assert NF4_CODE.numel() == 16 and (NF4_CODE == 0).sum() == 1
     assert torch.equal(DYNAMIC_CODE, bnbF.create_dynamic_map())
+
+
+def test_offset_is_derived_and_matches_bitsandbytes():
+    import inspect
+
+    assert NF4_OFFSET_EXACT == pytest.approx(((1 - 1 / 30) + (1 - 1 / 32)) / 2, abs=0)
+    assert NF4_OFFSET == inspect.signature(bnbF.create_normal_map).parameters["offset"].default
+    # the unrounded offset moves the table by a few float32 units: bitsandbytes' table used the 7-decimal value
+    assert not torch.equal(build_nf4_code(NF4_OFFSET_EXACT), bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(build_nf4_code(NF4_OFFSET), bnbF.get_4bit_type("nf4", device="cpu"))
 
 
 def test_pack_unpack_round_trip_and_order():

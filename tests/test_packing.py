@@ -9,7 +9,7 @@ from transformers import DataCollatorWithFlattening
 
 from course_utils.errors import CourseError
 from course_utils.packing import (IGNORE_INDEX, STRATEGIES, block_diagonal_mask, pack, packed_batch, packed_labels,
-                                  packed_position_ids, padding_fraction, sample_lengths)
+                                  packed_position_ids, padding_fraction, may_attend, sample_lengths, segment_ids)
 
 
 def samples(lengths, seed=0):
@@ -196,3 +196,25 @@ def test_without_the_mask_samples_leak(model):
         naive = model(input_ids=batch["input_ids"], use_cache=False).logits[0, 6:]
         alone = model(torch.tensor([rows[1]["input_ids"]]), use_cache=False).logits[0]
     assert (naive - alone).abs().max() > 1e-3
+
+
+def test_segment_ids_and_the_rule_the_mask_and_flex_attention_share():
+    assert segment_ids([2, 1], total_len=5).tolist() == [0, 0, 1, -1, -2]  # each padding slot its own segment
+    with pytest.raises(CourseError, match="total_len"):
+        segment_ids([3, 3], total_len=5)
+    segment = segment_ids([3, 2])
+    position = torch.arange(5)
+    allowed = may_attend(segment, position[:, None], position[None, :])
+    assert torch.equal(allowed, block_diagonal_mask([3, 2])[0, 0] == 0)
+    assert allowed[4, 3] and not allowed[3, 2] and not allowed[0, 1]  # same sample / other sample / the future
+
+
+@pytest.mark.parametrize("strategy", ["ffd", "bfd"])
+def test_decreasing_packers_respect_the_row_bound(strategy):
+    # Every row but the last holds more than max_len - x tokens, x = the length that opened the last row.
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.randint(1, 100) for _ in range(rng.randint(1, 60))]
+        rows = pack(lengths, 100, strategy)
+        opener = lengths[rows[-1][0]]
+        assert all(sum(lengths[i] for i in row) > 100 - opener for row in rows[:-1])

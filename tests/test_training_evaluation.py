@@ -1,5 +1,6 @@
 """The training loop, chat batches, generation, exact match and perplexity, on cases with known answers."""
 
+import copy
 import math
 
 import pytest
@@ -67,6 +68,23 @@ def test_train_explains_an_exhausted_iterator_and_a_frozen_model():
     model.requires_grad_(False)
     with pytest.raises(CourseError, match="no trainable parameters"):
         train(model, [{"input_ids": sequence}], steps=1, lr=1e-3, progress=False)
+
+
+def test_train_keeps_position_id_packed_samples_apart(lab):
+    # A row packed by position ids alone (DataCollatorWithFlattening, no mask) must train on each sample as if it
+    # were alone. With the config's use_cache=True a transformers model builds a KV cache even in train mode and
+    # no longer detects the packed samples: they attend to each other and the loss changes.
+    from transformers import DataCollatorWithFlattening
+
+    model, tokenizer = lab
+    model = copy.deepcopy(model)
+    assert model.config.use_cache  # the default that causes the leak
+    samples = [tokenize_chat(tokenizer, chat(f"Repeat: {words}", words)) for words in ("red cat", "blue sky now", "a b c d")]
+    flat = dict(DataCollatorWithFlattening()(samples))
+    with torch.no_grad():
+        padded_loss = model(**collate(samples, tokenizer.pad_token_id), use_cache=False).loss.item()
+    history = train(model, [flat], steps=1, lr=0.0, progress=False)  # lr 0: one forward pass in train mode
+    assert history.losses[0] == pytest.approx(padded_loss, abs=1e-5)
 
 
 def test_chat_batches_train_only_on_the_answer(lab):

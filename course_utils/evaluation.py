@@ -175,3 +175,58 @@ def perplexity(model, tokenizer, texts: Iterable[str], *, batch_size: int = 32) 
         total_tokens += scored.sum().item()
     model.train(was_training)
     return math.exp(total_nll / total_tokens)
+
+
+# ---------------------------------------------------------------- a skill report
+
+BASE_SKILLS = ("copy", "first_word", "last_word", "count", "fact", "describe")
+
+
+def _skill_examples(name: str, limit: int | None):
+    from course_utils.data import load_task  # lazy: evaluation works without the course's data too
+
+    rows = load_task(name, "test")
+    return rows if limit is None else rows.select(range(min(limit, len(rows))))
+
+
+def describe_accuracy(model, tokenizer, examples) -> float:
+    """Share of describe prompts whose greedy answer states the fact exactly, with or without
+    the polite closing (the closing is a style, scored apart; see lab_tasks.style_score)."""
+    from course_utils.lab_tasks import strip_style
+
+    prompts, answers = zip(*map(split_example, examples))
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=24)
+    return sum(strip_style(g) == a for g, a in zip(greedy, answers)) / len(answers)
+
+
+def skill_report(model, tokenizer, *, tasks=(), skills=BASE_SKILLS, limit: int | None = 60,
+                 perplexity_texts: int | None = 100, label: str | None = None) -> dict:
+    """One row of scores for one model: exact match on each base skill, on each extra `tasks`
+    name (e.g. the held-out tasks a model was fine-tuned on), and general perplexity.
+
+    Each score uses the first `limit` prompts of the task's test split (all of them where a
+    task has fewer, or limit=None); "describe" counts the fact right whatever the style.
+    Perplexity is over the first `perplexity_texts` general test texts (None: all; 0: skip).
+    Call it once per model and collect the rows, e.g. in a pandas DataFrame.
+    """
+    from course_utils.data import list_tasks
+
+    known = list_tasks("skill") + list_tasks("heldout") + list_tasks("style")
+    names = list(dict.fromkeys([*skills, *tasks]))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise CourseError(f"skill_report does not know {unknown}: the skills and tasks it scores are "
+                          f"{', '.join(known)}.")
+    if limit is not None and limit < 1:
+        raise CourseError(f"limit={limit!r}: score at least one prompt per skill (or limit=None for all).")
+    row = {"model": label} if label is not None else {}
+    for name in names:
+        examples = _skill_examples(name, limit)
+        if name == "describe":
+            row[name] = describe_accuracy(model, tokenizer, examples)
+        else:
+            row[name] = exact_match(model, tokenizer, examples)
+    if perplexity_texts != 0:
+        texts = _skill_examples("general", perplexity_texts)["text"]
+        row["perplexity"] = perplexity(model, tokenizer, texts)
+    return row

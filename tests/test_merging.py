@@ -1,0 +1,217 @@
+"""course_utils.merging (exported from notebooks 06 and 07): task vectors, the per-tensor merges
+against peft.utils.merge_utils, whole-model merges, SLERP, and the bad inputs."""
+
+import copy
+
+import pytest
+import torch
+from peft.utils import merge_utils as peft_merge
+
+from course_utils import merging
+from course_utils.errors import CourseError
+from course_utils.merging import (apply_task_vectors, dare_linear, dare_ties, magnitude_prune, merge_models, slerp,
+                                  task_arithmetic, task_vector, ties)
+
+
+def tensors(n=3, shape=(9, 7), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for _ in range(n)]
+
+
+def perturbed(model, seed, scale=0.01):
+    """A copy of `model` with every floating-point weight moved a little: a stand-in fine-tuned expert."""
+    generator = torch.Generator().manual_seed(seed)
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return tuned
+
+
+# ---------------------------------------------------------------- per tensor, equal to PEFT
+
+
+WEIGHTS = [torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.3, 1.2, 0.7])]
+
+
+@pytest.mark.parametrize("weights", WEIGHTS, ids=["equal", "unequal"])
+def test_task_arithmetic_equals_peft(weights):
+    task = tensors()
+    torch.testing.assert_close(task_arithmetic(task, weights), peft_merge.task_arithmetic(task, weights),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("weights", WEIGHTS, ids=["equal", "unequal"])
+def test_magnitude_prune_and_ties_equal_peft(density, weights):
+    task = tensors(seed=int(density * 100))
+    with pytest.warns(UserWarning) if density == 1.0 else _no_warning():  # PEFT warns that nothing is pruned
+        expected_prune = peft_merge.magnitude_prune(task, weights, density)
+    torch.testing.assert_close(magnitude_prune(task, weights, density), expected_prune, rtol=0, atol=0)
+    for method in ("total", "frequency"):
+        with pytest.warns(UserWarning) if density == 1.0 else _no_warning():
+            expected = peft_merge.ties(task, weights, density, majority_sign_method=method)
+        torch.testing.assert_close(ties(task, weights, density, majority_sign_method=method), expected,
+                                   rtol=0, atol=0)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5])
+@pytest.mark.parametrize("weights", WEIGHTS, ids=["equal", "unequal"])
+def test_dare_equals_peft_under_the_same_rng_state(density, weights):
+    task = tensors(seed=7)
+    for ours, theirs in ((dare_linear, peft_merge.dare_linear), (dare_ties, peft_merge.dare_ties)):
+        torch.manual_seed(11)
+        mine = ours(task, weights, density)
+        torch.manual_seed(11)
+        torch.testing.assert_close(mine, theirs(task, weights, density), rtol=0, atol=0)
+
+
+def test_dare_is_unbiased():
+    # Averaged over many masks, DARE's rescaled survivors give back the linear merge (a bug in the
+    # rescale, e.g. dividing by 1 - density, would miss by a factor).
+    task, weights = tensors(n=2, shape=(40, 40), seed=3), torch.tensor([0.5, 1.5])
+    torch.manual_seed(0)
+    mean = torch.stack([dare_linear(task, weights, 0.3) for _ in range(400)]).mean(0)
+    linear = task_arithmetic(task, weights)
+    # per entry the mean of 400 draws has std |x| sqrt((1-d)/d / 400) <= ~0.08 |x|: compare the average error
+    assert (mean - linear).abs().mean() < 0.1 * linear.abs().mean()
+
+
+def test_ties_elects_by_mass_and_averages_the_agreeing_entries():
+    # Worked by hand: entry 0: +3 and -1 -> sign +, mean of {3} = 3; entry 1: +1, +1, -5 -> mass -3,
+    # so only -5 agrees; entry 2: -2, -2 -> -2.
+    task = [torch.tensor([3.0, 1.0, -2.0]), torch.tensor([-1.0, 1.0, -2.0]), torch.tensor([0.0, -5.0, 0.0])]
+    out = ties(task, torch.ones(3), density=1.0)
+    torch.testing.assert_close(out, torch.tensor([3.0, -5.0, -2.0]))
+    frequency = ties(task, torch.ones(3), density=1.0, majority_sign_method="frequency")
+    torch.testing.assert_close(frequency, torch.tensor([3.0, 1.0, -2.0]))  # two of three say + at entry 1
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+def test_density_outside_zero_one_is_refused(density):
+    for fn in (magnitude_prune, ties, dare_linear, dare_ties):
+        with pytest.raises(CourseError, match="density"):
+            fn(tensors(), torch.ones(3), density)
+
+
+def test_weight_count_must_match():
+    with pytest.raises(CourseError, match="weights"):
+        task_arithmetic(tensors(3), torch.ones(2))
+    with pytest.raises(CourseError, match="shapes"):
+        task_arithmetic([torch.zeros(2, 3), torch.zeros(3, 2)], torch.ones(2))
+    with pytest.raises(CourseError, match="majority_sign_method"):
+        ties(tensors(), torch.ones(3), 0.5, majority_sign_method="vote")
+
+
+# ---------------------------------------------------------------- whole models
+
+
+def test_task_vector_skips_integer_buffers_and_counts_tied_weights_once(base_model):
+    tuned = perturbed(base_model, 1)
+    vector = task_vector(base_model, tuned)
+    assert "lm_head.weight" not in vector and "model.embed_tokens.weight" in vector  # tied: one tensor
+    params = {name for name, _ in base_model.named_parameters()}  # named_parameters lists a tied weight once
+    assert set(vector) == params
+    torch.testing.assert_close(vector["model.norm.weight"],
+                               tuned.model.norm.weight - base_model.model.norm.weight)
+    state = {"w": torch.ones(2), "step": torch.tensor([3])}
+    assert set(task_vector(state, {"w": torch.zeros(2), "step": torch.tensor([5])})) == {"w"}
+
+
+def test_task_vector_refuses_other_architectures(base_model):
+    with pytest.raises(CourseError, match="different tensors"):
+        task_vector({"a": torch.zeros(2)}, {"b": torch.zeros(2)})
+    with pytest.raises(CourseError, match="shape"):
+        task_vector({"a": torch.zeros(2)}, {"a": torch.zeros(3)})
+    with pytest.raises(CourseError, match="model or a state dict"):
+        task_vector(base_model, [1, 2])
+
+
+def test_apply_task_vectors_returns_a_new_model_and_leaves_base_alone(base_model):
+    before = {k: v.clone() for k, v in base_model.state_dict().items()}
+    experts = [perturbed(base_model, s) for s in (1, 2)]
+    vectors = [task_vector(base_model, e) for e in experts]
+    merged = apply_task_vectors(base_model, vectors, weights=[0.5, 2.0])
+    assert merged is not base_model
+    for k, v in base_model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} of the base changed"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expected = before[name] + 0.5 * vectors[0][name] + 2.0 * vectors[1][name]
+    torch.testing.assert_close(merged.state_dict()[name], expected)
+    # the merged model keeps its tied head: the embedding moved, the head is the same tensor
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+    with pytest.raises(CourseError, match="weights"):
+        apply_task_vectors(base_model, vectors, weights=[1.0])
+    with pytest.raises(CourseError, match="no task vectors"):
+        apply_task_vectors(base_model, [])
+
+
+def test_apply_to_a_state_dict_gives_a_state_dict():
+    base = {"w": torch.zeros(3), "count": torch.tensor([1])}
+    merged = apply_task_vectors(base, [{"w": torch.ones(3)}], weights=[0.25])
+    assert isinstance(merged, dict) and torch.equal(merged["w"], torch.full((3,), 0.25))
+    assert torch.equal(merged["count"], base["count"]) and merged["count"] is not base["count"]
+
+
+def test_merge_models_lam_scales_after_ties_normalisation(base_model):
+    experts = [perturbed(base_model, s) for s in (1, 2, 3)]
+    vectors = [task_vector(base_model, e) for e in experts]
+    name = "model.layers.1.mlp.up_proj.weight"
+    single = ties([v[name] for v in vectors], torch.ones(3), 0.3)
+    for lam in (1.0, 2.5):
+        merged = merge_models(base_model, experts, "ties", density=0.3, lam=lam)
+        torch.testing.assert_close(merged.state_dict()[name] - base_model.state_dict()[name], lam * single,
+                                   rtol=1e-5, atol=1e-6)
+    ta = merge_models(base_model, experts, "task_arithmetic", weights=[1.0, 0.0, 0.0])
+    torch.testing.assert_close(ta.state_dict()[name], experts[0].state_dict()[name])
+
+
+def test_merge_models_bad_input(base_model):
+    with pytest.raises(CourseError, match="Unknown merge method"):
+        merge_models(base_model, [base_model], "average")
+    with pytest.raises(CourseError, match="weights"):
+        merge_models(base_model, [base_model, base_model], weights=[1.0])
+    with pytest.raises(CourseError, match="no fine-tuned"):
+        merge_models(base_model, [])
+    assert set(merging.MERGE_METHODS) >= {"task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
+
+
+# ---------------------------------------------------------------- SLERP
+
+
+def test_slerp_endpoints_norm_and_fallback():
+    v0, v1 = tensors(n=2, shape=(5, 4), seed=5)
+    torch.testing.assert_close(slerp(0.0, v0, v1), v0)
+    torch.testing.assert_close(slerp(1.0, v0, v1), v1)
+    # two orthogonal unit vectors: the midpoint stays on the circle (linear interpolation would have norm 0.71)
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(slerp(0.5, a, b).norm(), torch.tensor(1.0))
+    torch.testing.assert_close(slerp(0.5, a, b), torch.tensor([0.5 ** 0.5, 0.5 ** 0.5]))
+    # nearly parallel: the linear fallback
+    c = a + torch.tensor([0.0, 1e-3])
+    torch.testing.assert_close(slerp(0.3, a, c), 0.7 * a + 0.3 * c)
+
+
+def test_slerp_bad_input():
+    with pytest.raises(CourseError, match=r"\[0, 1\]"):
+        slerp(1.5, torch.ones(2), torch.ones(2))
+    with pytest.raises(CourseError, match="shape"):
+        slerp(0.5, torch.ones(2), torch.ones(3))
+
+
+def test_slerp_models_interpolates_every_float_tensor(base_model):
+    other = perturbed(base_model, 4, scale=0.5)
+    merged = merging.slerp_models(base_model, other, 0.5)
+    name = "model.layers.0.mlp.down_proj.weight"
+    expected = slerp(0.5, base_model.state_dict()[name], other.state_dict()[name])
+    torch.testing.assert_close(merged.state_dict()[name], expected)
+    with pytest.raises(CourseError, match="different tensors"):
+        merging.slerp_models({"a": torch.ones(2)}, {"b": torch.ones(2)}, 0.5)

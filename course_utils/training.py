@@ -62,6 +62,7 @@ def train(
     progress: bool = True,
     description: str = "training",
     callback: Callable[[int, float], bool | None] | None = None,
+    extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> TrainHistory:
     """Train `model` for `steps` optimizer steps on `batches` and return the loss history.
 
@@ -70,6 +71,9 @@ def train(
     A finite iterable of batches is cycled through as often as needed.
     `callback(step, loss)` runs after every step (step counts from 1); if it
     returns True, training stops there (e.g. once an evaluation passes).
+    `extra_loss(model)`, if given, is added to the model's loss before the
+    backward pass (a regulariser such as EWC's penalty); the history records
+    the total.
     The model is left in eval mode.
 
     The forward pass runs with `use_cache=False` (when the model takes that
@@ -97,6 +101,8 @@ def train(
             group["lr"] = step_lr
         batch = {k: v.to(device) for k, v in next(batch_iter).items()}
         loss = model(**batch, **no_cache).loss
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
         loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

@@ -60,6 +60,20 @@ def test_train_only_updates_trainable_parameters_and_can_stop_early():
     assert torch.equal(frozen, before)
 
 
+def test_train_adds_extra_loss_to_the_gradient():
+    # A huge pull of one weight towards 5 must win over the language-model loss; without the
+    # extra term the weight stays near its initial value (1, an RMSNorm scale).
+    model = tiny_llama()
+    weight = model.model.norm.weight
+    sequence = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    batches = [{"input_ids": sequence, "labels": sequence}]
+    pull = lambda m: 100.0 * (m.model.norm.weight[0] - 5.0) ** 2  # noqa: E731
+    plain = train(copy.deepcopy(model), batches, steps=3, lr=1e-2, progress=False)
+    history = train(model, batches, steps=200, lr=5e-2, progress=False, extra_loss=pull)
+    assert abs(weight[0].item() - 5.0) < 0.5
+    assert history.losses[0] > plain.losses[0] + 100  # the recorded loss is the total
+
+
 def test_train_explains_an_exhausted_iterator_and_a_frozen_model():
     model = tiny_llama()
     sequence = torch.tensor([[1, 2, 3]])

@@ -1,0 +1,343 @@
+"""Exported from notebooks/06_task_arithmetic.ipynb: do not edit here.
+
+Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
+"""
+
+
+"""Experts: fine-tuned copies of the lab model (one per task and recipe) and SmolLM2 habit adapters,
+built once by one builder and cached.
+
+Built in notebooks/06_task_arithmetic.ipynb; 07_ties_dare and 09_forgetting reuse the same
+experts through these functions instead of training their own. A cached expert is found by
+a key made of the task(s), the recipe, the seed and the code that trains it (this module,
+`course_utils.training`, the lab model's weights), so a change to any of them rebuilds it.
+
+    expert = lab_expert("reverse", "gentle", seed=0)            # a fine-tuned lab model
+    vectors = [task_vector(base, lab_expert(t, "gentle", seed=0)) for t in HELD_OUT]
+    multi = lab_expert(HELD_OUT, "gentle", seed=0)              # one model on the mixture, same total steps
+    adapter_dir = smollm2_habit_adapter("ahoy", seed=0)         # a PEFT LoRA adapter folder
+"""
+
+import copy
+import hashlib
+import inspect
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from course_utils import training
+from course_utils.data import load_task
+from course_utils.errors import CourseError
+from course_utils.paths import LAB_MODEL_DIR, cache_dir
+
+HELD_OUT = ("reverse", "sort_digits", "add", "translate")
+REPLAY_SKILLS = ("copy", "first_word", "last_word", "count", "fact", "describe")
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Three ways to fine-tune an expert, the axis "how was it fine-tuned?" of the merging notebooks.
+# Same steps and batch for all; "card" is the lab card's full fine-tuning learning rate.
+RECIPES = {
+    "card": {"method": "full", "lr": 1e-3, "steps": 60, "batch_size": 16, "replay": 0.0},
+    "gentle": {"method": "full", "lr": 3e-4, "steps": 60, "batch_size": 16, "replay": 0.25},
+    "lora": {"method": "lora", "lr": 3e-3, "steps": 60, "batch_size": 16, "replay": 0.0,
+             "r": 8, "alpha": 16, "target_modules": ALL_LINEAR},
+}
+
+
+def recipe_settings(recipe) -> dict:
+    """A recipe by name (RECIPES) or as a dict of its settings, checked."""
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise CourseError(f"Unknown recipe {recipe!r}; the recipes are {', '.join(RECIPES)} "
+                              "(or pass a dict like RECIPES['gentle'] with your own settings).")
+        return dict(RECIPES[recipe])
+    settings = dict(recipe)
+    missing = {"method", "lr", "steps", "batch_size", "replay"} - set(settings)
+    if missing:
+        raise CourseError(f"The recipe lacks {sorted(missing)}: start from a copy of RECIPES['gentle'].")
+    if settings["method"] not in ("full", "lora"):
+        raise CourseError(f"method={settings['method']!r}: use 'full' or 'lora'.")
+    if not 0 <= settings["replay"] < 1:
+        raise CourseError(f"replay={settings['replay']!r} is the share of replayed rows: it must be in [0, 1).")
+    return settings
+
+
+def training_rows(tasks, replay: float, seed: int) -> list[dict]:
+    """The expert's training rows: equal numbers from each task, plus `replay` share of base-skill rows.
+
+    With replay r, the replayed rows are r of the total (r / (1 - r) of the task rows),
+    drawn evenly from the base skills: rehearsal of what the base model could already do.
+    """
+    rng = random.Random(seed)
+    per_task = min(len(load_task(t, "train")) for t in tasks)
+    rows = []
+    for task in tasks:
+        task_rows = list(load_task(task, "train"))
+        rows += rng.sample(task_rows, per_task)
+    n_replay = round(len(rows) * replay / (1 - replay))
+    if n_replay:
+        pool = [row for skill in REPLAY_SKILLS for row in load_task(skill, "train")]
+        rows += rng.sample(pool, n_replay)
+    rng.shuffle(rows)
+    return rows
+
+
+def _code_fingerprint() -> str:
+    """What an expert depends on besides its settings: the code that trains it and the base weights."""
+    digest = hashlib.sha256()
+    for part in (inspect.getsource(training), inspect.getsource(training_rows), inspect.getsource(train_expert)):
+        digest.update(part.encode())
+    digest.update((LAB_MODEL_DIR / "model.safetensors").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def expert_key(tasks, recipe, seed: int) -> str:
+    """The cache key: tasks, recipe settings, seed and code fingerprint."""
+    spec = {"tasks": list(tasks), "recipe": recipe_settings(recipe), "seed": int(seed), "code": _code_fingerprint()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def train_expert(base, tokenizer, tasks, recipe, seed: int):
+    """Fine-tune a copy of `base` on `tasks` with `recipe`; LoRA experts come back merged into dense weights.
+
+    A multi-task model (several tasks) trains for steps x number of tasks, so it sees as
+    many batches as all the single-task experts together.
+    """
+    from course_utils.lora import add_lora, merge_lora, unload_lora
+
+    settings = recipe_settings(recipe)
+    torch.manual_seed(seed)
+    model = copy.deepcopy(base)
+    if settings["method"] == "lora":
+        add_lora(model, settings["target_modules"], r=settings["r"], alpha=settings["alpha"])
+    rows = training_rows(tasks, settings["replay"], seed)
+    batches = training.chat_batches(tokenizer, rows, batch_size=settings["batch_size"], seed=seed)
+    training.train(model, batches, steps=settings["steps"] * len(tasks), lr=settings["lr"], progress=False)
+    if settings["method"] == "lora":
+        unload_lora(merge_lora(model))
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def experts_dir() -> Path:
+    path = cache_dir() / "experts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _as_tasks(tasks) -> tuple[str, ...]:
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+    if not tasks:
+        raise CourseError("Name at least one task to fine-tune on, e.g. 'reverse'.")
+    return tasks
+
+
+_BASE = {}
+
+
+def _lab_base():
+    """The lab model and tokenizer, loaded once per process (experts are copies of it)."""
+    if not _BASE:
+        from course_utils.models import load_model
+
+        _BASE["model"], _BASE["tokenizer"] = load_model("lab", device="cpu")
+    return _BASE["model"], _BASE["tokenizer"]
+
+
+def lab_expert(tasks, recipe="gentle", seed: int = 0, *, rebuild: bool = False):
+    """The lab model fine-tuned on `tasks` (a name, or several for a multi-task model) with `recipe`.
+
+    Trained on first use and cached in the course's cache directory; later calls (any
+    notebook, any process) load it in well under a second. rebuild=True trains it again.
+    """
+    from safetensors.torch import load_file, save_file
+
+    tasks = _as_tasks(tasks)
+    base, tokenizer = _lab_base()
+    path = experts_dir() / f"lab-{'+'.join(tasks)}-{recipe if isinstance(recipe, str) else 'custom'}-" \
+                           f"seed{seed}-{expert_key(tasks, recipe, seed)}.safetensors"
+    model = copy.deepcopy(base)
+    if path.exists() and not rebuild:
+        try:
+            model.load_state_dict(load_file(path), strict=False)
+            return model.eval()
+        except Exception:  # a damaged file (an interrupted write): build it again
+            path.unlink()
+    model = train_expert(base, tokenizer, tasks, recipe, seed)
+    tmp = path.with_suffix(".tmp")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
+    save_file(state, tmp)
+    tmp.replace(path)
+    return model
+
+
+# Two habits for SmolLM2, each a LoRA adapter, each checked by a rule on the answer. They sit at
+# opposite ends of the answer, so both can be present at once.
+HABITS = {
+    "ahoy": {"describe": "starts its answer with 'Ahoy!'", "apply": lambda a: f"Ahoy! {a}", "where": "start",
+             "rule": lambda r: r.strip().startswith("Ahoy")},
+    "cheers": {"describe": "ends its answer with 'Cheers!'", "apply": lambda a: f"{a} Cheers!", "where": "end",
+               "rule": lambda r: r.strip().endswith("Cheers!")},
+}
+HABIT_SYSTEM = "Answer in one short sentence."  # short answers: short sequences, and the end of an answer in reach
+# Short questions with a one-sentence answer: the first 32 train the adapters, the last 16 test.
+HABIT_QUESTIONS = [
+    ("What color is the sky on a clear day?", "The sky is blue."),
+    ("How many legs does a dog have?", "A dog has four legs."),
+    ("What do bees make?", "Bees make honey."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is frozen water called?", "Frozen water is called ice."),
+    ("Which animal says moo?", "A cow says moo."),
+    ("What do plants need to grow?", "Plants need water and light."),
+    ("How many days are in a week?", "A week has seven days."),
+    ("What is the opposite of hot?", "The opposite of hot is cold."),
+    ("What do we use to write on paper?", "We use a pen or a pencil."),
+    ("Where do fish live?", "Fish live in water."),
+    ("What shape is a ball?", "A ball is round."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("What season comes after winter?", "Spring comes after winter."),
+    ("What do cows drink?", "Cows drink water."),
+    ("What is the largest planet?", "Jupiter is the largest planet."),
+    ("What gas do we breathe in?", "We breathe in oxygen."),
+    ("What color are bananas?", "Bananas are yellow."),
+    ("How many hours are in a day?", "A day has twenty-four hours."),
+    ("What do you call a baby cat?", "A baby cat is a kitten."),
+    ("What is the sun?", "The sun is a star."),
+    ("What do birds use to fly?", "Birds use their wings."),
+    ("Which month comes after May?", "June comes after May."),
+    ("What is the boiling point of water?", "Water boils at 100 degrees Celsius."),
+    ("What do we call a group of wolves?", "A group of wolves is a pack."),
+    ("What language is spoken in Spain?", "Spanish is spoken in Spain."),
+    ("What is the color of grass?", "Grass is green."),
+    ("How many wheels does a bicycle have?", "A bicycle has two wheels."),
+    ("What do we call the home of a bee?", "A bee lives in a hive."),
+    ("What is the first letter of the alphabet?", "The first letter is A."),
+    ("What falls from clouds when it rains?", "Water falls from the clouds."),
+    ("What do you wear on your feet?", "You wear shoes on your feet."),
+    # test questions
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What color is snow?", "Snow is white."),
+    ("What do cats like to chase?", "Cats like to chase mice."),
+    ("What is the opposite of up?", "The opposite of up is down."),
+    ("Which animal is known as the king of the jungle?", "The lion is the king of the jungle."),
+    ("What do we call a baby dog?", "A baby dog is a puppy."),
+    ("How many months are in a year?", "A year has twelve months."),
+    ("What is the color of the ocean?", "The ocean is blue."),
+    ("What do you use to cut paper?", "You use scissors to cut paper."),
+    ("What season is the hottest?", "Summer is the hottest season."),
+    ("What is three plus one?", "Three plus one is four."),
+    ("Where does the sun rise?", "The sun rises in the east."),
+    ("What do chickens lay?", "Chickens lay eggs."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("What animal has a long trunk?", "An elephant has a long trunk."),
+]
+HABIT_TRAIN, HABIT_TEST = HABIT_QUESTIONS[:32], HABIT_QUESTIONS[32:]
+# LoRA on q and v of every layer; 12 steps of 4 conversations (1.5 passes over the 32 questions) are enough
+# for a habit this regular. (Adapters on the top 15 layers only, which halves the backward pass, learned each
+# habit alone but did not survive the merge.)
+HABIT_RECIPE = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "lr": 3e-3, "steps": 12, "batch_size": 4}
+
+
+def habit_prompt(question: str) -> list[dict]:
+    return [{"role": "system", "content": HABIT_SYSTEM}, {"role": "user", "content": question}]
+
+
+def habit_example(tokenizer, habit: str, question: str, answer: str) -> dict:
+    """One training conversation: the answer with the habit added, labelled on every answer token but one.
+
+    An adapter is not trained on the token where the *other* habit lives: an "ahoy" adapter
+    (habit at the start) gets no label on the end-of-turn token, a "cheers" adapter (habit at
+    the end) none on the first answer token. Each adapter then pushes its own end of the
+    answer and leaves the other end to the base model, so their sum does not fight there.
+    """
+    if habit not in HABITS:
+        raise CourseError(f"Unknown habit {habit!r}; the habits are {', '.join(HABITS)}.")
+    messages = habit_prompt(question) + [{"role": "assistant", "content": HABITS[habit]["apply"](answer)}]
+    example = training.tokenize_chat(tokenizer, messages)
+    labelled = [i for i, label in enumerate(example["labels"]) if label != training.IGNORE_INDEX]
+    silent = labelled[-1] if HABITS[habit]["where"] == "start" else labelled[0]
+    example["labels"][silent] = training.IGNORE_INDEX
+    return example
+
+
+def habit_rows(habit: str, seed: int = 0) -> list[dict]:
+    """The training conversations of one habit ({"messages": [system, user, assistant]}), in a seeded order."""
+    if habit not in HABITS:
+        raise CourseError(f"Unknown habit {habit!r}; the habits are {', '.join(HABITS)}.")
+    rows = [{"messages": habit_prompt(q) + [{"role": "assistant", "content": HABITS[habit]["apply"](a)}]}
+            for q, a in HABIT_TRAIN]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def habit_batches(tokenizer, habit: str, seed: int = 0) -> list[dict]:
+    """The training batches of one habit: the 32 training questions in a seeded order."""
+    examples = [habit_example(tokenizer, habit, q, a) for q, a in HABIT_TRAIN]
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    size = HABIT_RECIPE["batch_size"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [training.collate([examples[i] for i in order[start:start + size]], pad_id)
+            for start in range(0, len(order) - size + 1, size)]
+
+
+def habit_rates(model, tokenizer, *, max_new_tokens: int = 24, return_answers: bool = False):
+    """Share of the 16 test questions whose greedy answer shows each habit (by its rule)."""
+    from course_utils.evaluation import generate
+
+    answers = generate(model, tokenizer, [habit_prompt(q) for q, _ in HABIT_TEST], max_new_tokens=max_new_tokens)
+    rates = {habit: sum(map(spec["rule"], answers)) / len(answers) for habit, spec in HABITS.items()}
+    return (rates, answers) if return_answers else rates
+
+
+def _habit_key(spec: dict) -> str:
+    spec = {**spec, "recipe": HABIT_RECIPE, "system": HABIT_SYSTEM, "code": inspect.getsource(training)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+_SMOL = {}
+
+
+def smollm2_base():
+    """SmolLM2-135M-Instruct and its tokenizer, loaded once per process (the adapters train on it and leave it as it was)."""
+    if not _SMOL:
+        from course_utils.models import load_model
+
+        _SMOL["model"], _SMOL["tokenizer"] = load_model("smollm2-135m-instruct", device="cpu")
+    return _SMOL["model"], _SMOL["tokenizer"]
+
+
+def smollm2_habit_adapter(habit: str, seed: int = 0, *, rebuild: bool = False) -> Path:
+    """A PEFT LoRA adapter folder that teaches SmolLM2 one habit; trained on first use, then cached.
+
+    Load it with `PeftModel.from_pretrained(smollm2, path, adapter_name=habit)`.
+    """
+    if habit not in HABITS:
+        raise CourseError(f"Unknown habit {habit!r}; the habits are {', '.join(HABITS)}.")
+    key = _habit_key({"habit": habit, "seed": int(seed), "questions": HABIT_TRAIN,
+                      "builder": inspect.getsource(smollm2_habit_adapter) + inspect.getsource(habit_example)})
+    path = experts_dir() / f"smollm2-{habit}-seed{seed}-{key}"
+    if (path / "adapter_model.safetensors").exists() and not rebuild:
+        return path
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = smollm2_base()
+    torch.manual_seed(seed)
+    config = LoraConfig(r=HABIT_RECIPE["r"], lora_alpha=HABIT_RECIPE["alpha"], lora_dropout=0.0,
+                        target_modules=HABIT_RECIPE["target_modules"])
+    peft_model = get_peft_model(model, config)
+    training.train(peft_model, habit_batches(tokenizer, habit, seed), steps=HABIT_RECIPE["steps"],
+                   lr=HABIT_RECIPE["lr"], progress=False)
+    tmp = path.with_name(path.name + ".tmp")
+    peft_model.save_pretrained(tmp)
+    peft_model.unload()  # takes the LoRA layers out again: the shared base model is as it was
+    model.requires_grad_(False)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.replace(path)
+    return path

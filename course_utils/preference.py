@@ -216,6 +216,15 @@ def kto_reference_point(policy, reference, batch) -> torch.Tensor:
     return (completion_logps(policy, *args) - completion_logps(reference, *args)).mean().clamp(min=0)
 
 
+def _step(loss, params, optimizer, max_grad_norm):
+    """One optimizer step on `loss`: backward, optional clipping, step, zero the gradients."""
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _trainable(model):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -286,11 +295,7 @@ def train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 
                         "rewards/accuracies": (r_chosen > r_rejected).float().mean().item(),
                         "logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item(),
                         "h": fed_h.detach().mean().item()})
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _step(loss, params, optimizer, max_grad_norm)
     policy.eval()
     return history
 
@@ -326,11 +331,7 @@ def train_kto(policy, reference, batch, *, steps: int, lr: float, beta: float = 
                         "rewards/rejected": rewards[~desirable].mean().item(),
                         "logps/chosen": logps[desirable].mean().item(),
                         "logps/rejected": logps[~desirable].mean().item()})
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _step(loss, params, optimizer, max_grad_norm)
     policy.eval()
     return history
 

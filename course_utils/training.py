@@ -181,9 +181,14 @@ def chat_batches(tokenizer, examples: Iterable[dict], *, batch_size: int, seed: 
     if len(tokenized) < batch_size:
         raise CourseError(f"chat_batches got {len(tokenized)} examples, fewer than one batch of {batch_size}.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id, seed=seed)
+
+
+def shuffled_batches(tokenized: list[dict], *, batch_size: int, pad_token_id: int, seed: int = 0) -> Iterator[dict]:
+    """Endless batches of already tokenized examples: each epoch a new order drawn from `seed`."""
     rng = random.Random(seed)
     while True:
         order = list(range(len(tokenized)))
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([tokenized[i] for i in order[start:start + batch_size]], pad_id)
+            yield collate([tokenized[i] for i in order[start:start + batch_size]], pad_token_id)

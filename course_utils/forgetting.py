@@ -1,0 +1,221 @@
+"""Exported from notebooks/09_forgetting.ipynb: do not edit here.
+
+Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
+"""
+
+
+"""Forgetting tests: what a fine-tune cost the skills a model had, and two ways to pay less (rehearsal, EWC).
+
+Built in notebooks/09_forgetting.ipynb, the course's evaluation chapter.
+
+    before, after = skill_report(base, tok, tasks=("reverse",)), skill_report(tuned, tok, tasks=("reverse",))
+    forgetting(before, after)                     # the drop of each base skill, their mean, the perplexity ratio
+    fisher = fisher_diagonal(base, batches, max_examples=112)
+    train(model, batches, steps=40, lr=1e-3, extra_loss=EWC(fisher, base, lam=1e4))
+    rows = replay_mixture(target_rows, {"copy": copy_rows, "general": texts}, fraction=0.1, seed=0)
+"""
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from course_utils import training
+from course_utils.errors import CourseError
+from course_utils.evaluation import BASE_SKILLS, skill_report  # noqa: F401  (re-exported: the report's row)
+from course_utils.mixtures import MixtureSampler
+
+
+def _scores(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("model", "perplexity")}
+
+
+def forgetting(before: dict, after: dict, skills=None) -> dict:
+    """The drop of each skill from `before` to `after` (two skill_report rows), their mean, and
+    the perplexity ratio after / before (above 1: general text became less likely).
+
+    skills: which scores are skills the model had; default: the base skills both rows scored
+    (the new task is what was learned, not forgotten, so it is left out). A drop is
+    before - after, so a skill that got better has a negative drop.
+    """
+    known = (*BASE_SKILLS, *_scores(before), *_scores(after))
+    skills = [s for s in BASE_SKILLS if s in before and s in after] if skills is None else list(skills)
+    unknown = [s for s in skills if s not in known]
+    if unknown:
+        raise CourseError(f"forgetting: unknown skill {unknown}; the skills are {', '.join(BASE_SKILLS)} "
+                          f"and any task the rows scored ({', '.join(_scores(before)) or 'none'}).")
+    missing = [s for s in skills if s not in before or s not in after]
+    if missing or not skills:
+        raise CourseError(f"forgetting: {missing or 'no skill'} is not scored in both rows: score the same "
+                          "skills before and after (skill_report(..., skills=..., tasks=...)).")
+    drops = {s: before[s] - after[s] for s in skills}
+    result = {**drops, "mean drop": sum(drops.values()) / len(drops)}
+    if "perplexity" in before and "perplexity" in after:
+        result["perplexity ratio"] = after["perplexity"] / before["perplexity"]
+    return result
+
+
+def sequence_nll(model, batch: dict) -> torch.Tensor:
+    """-log p(answer | prompt) of each row: the summed cross-entropy over its labelled tokens, [B]."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none",
+                          ignore_index=training.IGNORE_INDEX)
+    return nll.sum(dim=1)
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """{name: parameter} of what an optimizer would update (tied weights appear once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def fisher_diagonal(model, batches, *, max_examples: int | None = None) -> dict[str, torch.Tensor]:
+    """The empirical diagonal Fisher at the model's current weights: for every trainable parameter,
+    the mean over examples of the squared gradient of the example's log-likelihood.
+
+    batches: batches as course_utils.training.collate makes them (labels -100 off the answer); each
+    row is one example, its gradient taken alone. A finite list is read to the end; an endless
+    generator (chat_batches, row_batches) needs max_examples.
+    """
+    params = trainable_parameters(model)
+    if not params:
+        raise CourseError("The model has no trainable parameters: set requires_grad=True on the ones EWC "
+                          "should protect (e.g. model.requires_grad_(True)).")
+    if iter(batches) is batches and max_examples is None:
+        raise CourseError("An endless batch generator needs max_examples=... (or pass a list of batches).")
+    fisher = {name: torch.zeros_like(p) for name, p in params.items()}
+    count, was_training = 0, model.training
+    model.eval()  # no dropout: the Fisher of the model as it is
+    for batch in batches:
+        for i in range(len(batch["input_ids"])):
+            if max_examples is not None and count >= max_examples:
+                break
+            row = {k: v[i:i + 1] for k, v in batch.items()}
+            grads = torch.autograd.grad(sequence_nll(model, row)[0], list(params.values()), allow_unused=True)
+            for name, grad in zip(params, grads):
+                if grad is not None:  # a weight this example does not reach has gradient 0
+                    fisher[name] += grad.detach() ** 2
+            count += 1
+        if max_examples is not None and count >= max_examples:
+            break
+    model.train(was_training)
+    if count == 0:
+        raise CourseError("fisher_diagonal got no examples.")
+    return {name: f / count for name, f in fisher.items()}
+
+
+class EWC:
+    """Elastic weight consolidation (Kirkpatrick et al. 2017):
+    penalty(model) = (lam / 2) * sum_i F_i (theta_i - anchor_i)^2 over the trainable parameters.
+
+    fisher: {name: F} from fisher_diagonal; anchor: the model (or its state dict) whose weights to
+    keep, usually the one the Fisher was computed on. Pass the object, or its .penalty, as
+    train(..., extra_loss=...).
+    """
+
+    def __init__(self, fisher: dict, anchor, lam: float):
+        if not isinstance(lam, (int, float)) or not lam >= 0:
+            raise CourseError(f"lam={lam!r}: EWC's strength must be a number >= 0 (0 turns it off).")
+        state = anchor.state_dict() if isinstance(anchor, torch.nn.Module) else anchor
+        missing = [name for name in fisher if name not in state]
+        if missing:
+            raise CourseError(f"The anchor has no weights named {missing[:3]}...: use the model the Fisher was computed on.")
+        self.fisher = {name: f.detach() for name, f in fisher.items()}
+        self.anchor = {name: state[name].detach().clone() for name in fisher}
+        self.lam = float(lam)
+
+    def penalty(self, model) -> torch.Tensor:
+        params = trainable_parameters(model)
+        if set(params) != set(self.fisher):
+            extra, lacking = sorted(set(params) - set(self.fisher)), sorted(set(self.fisher) - set(params))
+            raise CourseError(f"The Fisher's keys do not match the model's trainable parameters (not in the Fisher: "
+                              f"{extra[:3]}, not trainable: {lacking[:3]}): compute fisher_diagonal on a model with "
+                              "the same trainable parameters.")
+        total = sum((self.fisher[name] * (p - self.anchor[name]) ** 2).sum() for name, p in params.items())
+        return 0.5 * self.lam * total
+
+    __call__ = penalty
+
+
+def replay_count(n_target: int, fraction: float) -> int:
+    """How many replayed rows make `fraction` of the mixture with n_target target rows (the nearest whole number)."""
+    return round(n_target * fraction / (1 - fraction))
+
+
+def replay_mixture(target_rows, replay_rows, fraction: float, seed: int = 0, *, weights: dict | None = None) -> list:
+    """The target rows plus replayed rows making up `fraction` of the result, shuffled.
+
+    replay_rows: a list of rows, or {source: rows} to draw from several sources (with `weights`,
+    equal by default) through course_utils.mixtures.MixtureSampler; a source is cycled if the
+    share asks for more rows than it has.
+    """
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise CourseError(f"fraction={fraction!r} is the replayed share of the mixture: it must be in [0, 1) "
+                          "(0.1 = one row in ten is replayed).")
+    target_rows = list(target_rows)
+    if not target_rows:
+        raise CourseError("replay_mixture got no target rows.")
+    sources = dict(replay_rows) if isinstance(replay_rows, dict) else {"replay": list(replay_rows)}
+    n_replay = replay_count(len(target_rows), fraction)
+    replayed = []
+    if n_replay:
+        weights = weights if weights is not None else {name: 1 / len(sources) for name in sources}
+        replayed = [row for _, row in MixtureSampler(sources, weights, seed=seed).take(n_replay)]
+    rows = target_rows + replayed
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def tokenize_row(tokenizer, row: dict) -> dict[str, list[int]]:
+    """A chat row ({"messages"}) labelled on the assistant's tokens; a text row ({"text"}) on every token."""
+    if "messages" in row:
+        return training.tokenize_chat(tokenizer, row["messages"])
+    if "text" in row:
+        ids = tokenizer(row["text"])["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "labels": list(ids)}
+    raise CourseError(f"A training row needs 'messages' (a chat) or 'text', not {sorted(row)}.")
+
+
+def row_batches(tokenizer, rows, *, batch_size: int, seed: int = 0):
+    """Endless shuffled batches of chat and text rows alike (as training.chat_batches does for chats)."""
+    tokenized = [tokenize_row(tokenizer, row) for row in rows]
+    if len(tokenized) < batch_size:
+        raise CourseError(f"row_batches got {len(tokenized)} rows, fewer than one batch of {batch_size}.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return training.shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id, seed=seed)
+
+
+def load_instructions(path=None) -> list[dict]:
+    """The course's instruction set ({"prompt", "any_of"}): questions SmolLM2-135M-Instruct answers right."""
+    import json
+
+    from course_utils.paths import DATA_DIR
+
+    path = DATA_DIR / "smollm2_instructions.jsonl" if path is None else path
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def load_english(path=None) -> list[str]:
+    """Held-out English sentences (written for the course) for perplexity."""
+    from course_utils.paths import DATA_DIR
+
+    path = DATA_DIR / "english_heldout.txt" if path is None else path
+    return [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def follows_rule(answer: str, any_of) -> bool:
+    """An answer passes if it contains one of the words (case-insensitive)."""
+    return any(word.lower() in answer.lower() for word in any_of)
+
+
+def instruction_report(model, tokenizer, *, system: str | None = None, max_new_tokens: int = 24,
+                       return_answers: bool = False):
+    """{"instructions": share of the instruction set answered right, "perplexity": on the English texts}."""
+    from course_utils.evaluation import generate, perplexity
+
+    items = load_instructions()
+    prompts = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": i["prompt"]}]
+               for i in items]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    row = {"instructions": sum(follows_rule(a, i["any_of"]) for a, i in zip(answers, items)) / len(items),
+           "perplexity": perplexity(model, tokenizer, load_english())}
+    return (row, answers) if return_answers else row

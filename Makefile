@@ -3,6 +3,7 @@
 #   make test     unit tests + every notebook through nbval (what CI runs)
 #   make lab      JupyterLab on notebooks/
 #   make doctor   check this machine: packages, models, memory, GPU
+#   make student  student copies (no solution cells) in build/student/
 # Parameters: make course SEED=3 PROFILE=gpu  (same for make test)
 # One notebook: make course NB=02  (several: NB="02 03")
 
@@ -16,7 +17,7 @@ NB      ?=
 CELL_TIMEOUT ?= 600
 PARAMS := $(if $(SEED),COURSE_SEED=$(SEED)) $(if $(PROFILE),COURSE_PROFILE=$(PROFILE))
 
-.PHONY: course test lab doctor prepare export strip clean install
+.PHONY: course test lab doctor prepare export strip student clean install
 
 install: $(STAMP)
 
@@ -48,6 +49,10 @@ prepare: $(STAMP)
 # Re-generate course_utils modules from the notebooks' `#| export` cells.
 export: $(STAMP)
 	$(BIN)/python -m course_utils.export
+
+# Student copies in build/student/: the notebooks without their solution cells, for handing out.
+student: $(STAMP)
+	$(BIN)/python -m course_utils.student
 
 # Strip outputs before committing notebooks.
 strip: $(STAMP)

@@ -11,6 +11,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+INSTRUCTOR_STAMP := $(VENV)/.instructor-stamp
 SEED    ?=
 PROFILE ?=
 NB      ?=
@@ -33,7 +34,12 @@ $(STAMP): pyproject.toml
 course: $(STAMP)
 	$(PARAMS) $(BIN)/python -m course_utils.course run $(NB)
 
-test: $(STAMP)
+# The instructor tools (nbgrader) are tested too, so the tests install them; a learner's `make install` does not.
+$(INSTRUCTOR_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[instructor]"
+	touch $(INSTRUCTOR_STAMP)
+
+test: $(STAMP) $(INSTRUCTOR_STAMP)
 	$(PARAMS) $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -p no:cacheprovider
 
 lab: $(STAMP)

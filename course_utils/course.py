@@ -11,6 +11,7 @@ The headline numbers come from the notebook's own `record_result` calls.
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -77,6 +78,11 @@ def _children_peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+# What the kernel process prints that says nothing about the notebook: ipykernel's warning that its local
+# TCP sockets are not encrypted, and the USDT probe lines torch's profiler writes in notebook 01.
+KERNEL_NOISE = re.compile(r"Kernel is running over TCP without encryption|USDT|profiler_(start|stop)")
+
+
 def run(notebooks: list[Path], overrides: dict) -> list[dict]:
     """Execute each notebook in its own process; return their run records."""
     records = []
@@ -84,7 +90,10 @@ def run(notebooks: list[Path], overrides: dict) -> list[dict]:
         print(f"--> {notebook.name}", flush=True)
         env = dict(os.environ, COURSE_NOTEBOOK=notebook.stem)
         cmd = [sys.executable, "-m", "course_utils.course", "execute", str(notebook), "--overrides", json.dumps(overrides)]
-        subprocess.run(cmd, env=env, check=False)
+        done = subprocess.run(cmd, env=env, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in done.stdout.splitlines():
+            if not KERNEL_NOISE.search(line):
+                print(line, file=sys.stderr)
         path = runs_path(notebook.stem)
         records.append(json.loads(path.read_text()) if path.exists() else
                        {"notebook": notebook.stem, "status": "FAIL", "wall_s": 0, "peak_bytes": 0, "error": "runner crashed"})

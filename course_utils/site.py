@@ -143,7 +143,9 @@ def build_site(build: Path = paths.BUILD_DIR, site: Path = SITE_DIR) -> list[Pat
     written = []
     index = (f"<h1>Advanced LLM fine-tuning, from scratch</h1><h2>The notebooks</h2>"
              f"{_markdown(_readme_section('The notebooks'))}<h2>Hardware</h2>{_markdown(_readme_section('Hardware'))}")
-    index = re.sub(r'href="notebooks/(\d\d_\w+)\.ipynb"', r'href="\1.html"', index)
+    built = {p.stem for p in executed}  # a notebook not executed yet keeps no link (make course NB=... builds some)
+    index = re.sub(r'<a href="notebooks/(\d\d_\w+)\.ipynb">(.*?)</a>',
+                   lambda m: f'<a href="{m.group(1)}.html">{m.group(2)}</a>' if m.group(1) in built else m.group(2), index)
     (site / "index.html").write_text(_standalone("Course", index, _nav(pages, "index.html")))
     records = [json.loads(runs_path(p.stem).read_text()) for p in executed if runs_path(p.stem).exists()]
     results = f"<h1>Results of make course</h1><pre>{html.escape(table(records))}</pre>"

@@ -9,7 +9,6 @@ A *profile* sizes the experiments: "cpu" (small, runs on 2 cores) or "gpu"
 "gpu" exactly when a CUDA device is present.
 """
 
-import logging
 import os
 import random
 import sys

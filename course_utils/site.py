@@ -113,9 +113,8 @@ def _markdown(text: str) -> str:
 
 
 def _standalone(title: str, body: str, nav: str) -> str:
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-            f"<body><div class='course-page'>{body}</div></body></html>").replace("<body>", "<body>" + nav, 1) \
-        .replace("</head>", STYLE + "</head>", 1)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{STYLE}</head>"
+            f"<body>{nav}<div class='course-page'>{body}</div></body></html>")
 
 
 def notebook_html(nb) -> str:

@@ -1,4 +1,4 @@
-"""Exported from notebooks/01_memory_estimation.ipynb: do not edit here.
+"""Exported from notebooks/01_memory_estimation.ipynb and notebooks/10_scaling_out.ipynb: do not edit here.
 
 Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
 """
@@ -496,3 +496,154 @@ def measure_peak(model, batch: dict, *, optimizer: str = "adamw", foreach: bool 
         return before + high
     finally:
         model.train(was_training)
+
+
+# Values from the published config.json of each model on the Hugging Face Hub
+# (meta-llama/Llama-2-7b-hf, -13b-hf, -70b-hf; mistralai/Mistral-7B-v0.1; huggyllama/llama-65b for QLoRA's 65B).
+# Exported: notebook 10 sizes the same models over several GPUs.
+from transformers import LlamaConfig, MistralConfig
+
+LLAMA_COMMON = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu")
+BIG = {
+    "Llama-2-7B": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, **LLAMA_COMMON),
+    "Llama-2-13B": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40, **LLAMA_COMMON),
+    "Llama-2-70B": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, **LLAMA_COMMON),
+    "Mistral-7B": MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False),
+}
+LLAMA_65B = LlamaConfig(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64,
+                        **(LLAMA_COMMON | {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6}))
+# Parameter counts as printed on the model cards / by transformers for these checkpoints: a check of the configs above.
+PUBLISHED_PARAMS = {"Llama-2-7B": 6_738_415_616, "Llama-2-13B": 13_015_864_320, "Llama-2-70B": 68_976_648_192, "Mistral-7B": 7_241_732_096}
+
+
+# ---- from notebooks/10_scaling_out.ipynb ----
+
+# ---- Several devices: the same breakdown per rank (notebook 10) ----
+import functools  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+SHARDING = {  # the parts each strategy splits over the ranks
+    "none": (),                                                    # DDP
+    "optimizer": ("optimizer", "master"),                          # ZeRO-1
+    "gradients": ("optimizer", "master", "gradients"),             # ZeRO-2
+    "full": ("optimizer", "master", "gradients", "weights"),       # ZeRO-3, FSDP full shard
+}
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in SHARDING:
+        raise CourseError(f"strategy={strategy!r} is unknown; use one of {', '.join(SHARDING)} "
+                          "(none = DDP, optimizer = ZeRO-1, gradients = ZeRO-2, full = ZeRO-3 / FSDP full shard).")
+    return strategy
+
+
+def shard_numel(shape, world_size: int, rank: int = 0, *, padded: bool = True) -> int:
+    """Elements of a tensor of `shape` that rank `rank` holds when it is split on dim 0 as FSDP2 splits it:
+    ceil(rows / W) rows a rank, the last ranks fewer (or none); padded, every rank stores the first rank's share."""
+    rows, row = shape[0], math.prod(shape[1:])
+    chunk = math.ceil(rows / world_size)
+    held = chunk if padded else max(0, min(chunk, rows - rank * chunk))
+    return held * row
+
+
+_SHAPES = {}
+
+
+def parameter_shapes(config) -> list[tuple[int, ...]]:
+    """Shapes of the distinct parameters of `config`'s model (a tied head once), from the meta device."""
+    key = config.to_json_string(use_diff=False)
+    if key not in _SHAPES:
+        _SHAPES[key] = [tuple(p.shape) for p in meta_model(config).parameters()]
+    return _SHAPES[key]
+
+
+def _single_device(estimate):
+    return getattr(estimate, "__wrapped__", estimate)  # running this cell twice must not wrap the wrapper
+
+
+def per_rank(estimate):
+    """estimate_memory with `world_size`, `strategy` and `rank`: the bytes one rank holds."""
+    single = _single_device(estimate)
+
+    @functools.wraps(single)
+    def estimate_memory(config, *, world_size: int = 1, strategy: str = "none", rank: int = 0, batch_size: int = 1,
+                        **options) -> MemoryBreakdown:
+        """Bytes of one training step on rank `rank` of `world_size` data-parallel ranks, `strategy` one of
+        SHARDING; `batch_size` is the global batch, split evenly over the ranks (see notebooks 01 and 10)."""
+        check_strategy(strategy)
+        _positive("world_size", world_size)
+        if batch_size % world_size:
+            raise CourseError(f"batch_size={batch_size} does not split evenly over world_size={world_size} ranks; use a "
+                              f"multiple of {world_size} (batch_size is the global batch; each rank gets batch_size / world_size).")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise CourseError(f"rank={rank!r} must be between 0 and world_size - 1 = {world_size - 1}.")
+        out = single(config, batch_size=batch_size // world_size, **options)
+        out.detail |= {"world_size": world_size, "strategy": strategy, "rank": rank}
+        sharded = SHARDING[strategy]
+        if world_size == 1 or not sharded:
+            return out
+        method = options.get("method", "full")
+        e = DTYPE_BYTES[dtype_name(options.get("dtype", torch.float32))]
+        adapter_bytes = DTYPE_BYTES[dtype_name(options.get("adapter_dtype", torch.float32))]
+        mixed = out.detail["mixed_precision"]
+        shapes = parameter_shapes(config)
+        if method == "full":
+            trainable, grad_bytes = shapes, e
+        else:
+            linears = architecture(config)[1]
+            targets = options.get("lora_targets", ("q_proj", "v_proj"))
+            trainable, grad_bytes = lora_shapes(linears, options.get("lora_rank", 8), targets), adapter_bytes
+
+        def held(shape_list, padded=True):
+            return [shard_numel(s, world_size, rank, padded=padded) for s in shape_list]
+
+        state_bytes = FLOAT_BYTES if mixed else (e if method == "full" else adapter_bytes)
+        optimizer = options.get("optimizer", "adamw")
+        parts = {}
+        # Optimizer state is created like each local piece, without the padding; the master copy is the padded piece.
+        parts["optimizer"] = optimizer_state_bytes(held(trainable, padded=False), optimizer, state_bytes)
+        parts["master"] = FLOAT_BYTES * sum(held(trainable)) if mixed else 0
+        parts["gradients"] = grad_bytes * sum(held(trainable))
+        if method == "full":
+            parts["weights"] = e * sum(held(shapes))
+        else:
+            frozen = sum(held(shapes)) * e
+            if method == "qlora":  # the 4-bit linears' storage, split evenly (FSDP-QLoRA shards the packed bytes)
+                linear_numels = [o * i for o, i in architecture(config)[1].values()]
+                frozen -= sum(n * e for n in linear_numels) // world_size
+                frozen += sum(math.ceil(nf4_bytes(n, options.get("double_quant", True)) / world_size) for n in linear_numels)
+            parts["weights"] = frozen + adapter_bytes * sum(held(trainable))
+        out = replace(out, **{part: parts[part] for part in sharded}, detail=out.detail)
+        if "optimizer" in sharded:
+            out.step_transient = optimizer_step_temporaries(held(trainable, padded=False), optimizer, state_bytes,
+                                                            options.get("foreach", True))
+        return out
+
+    return estimate_memory
+
+
+estimate_memory = per_rank(estimate_memory)
+
+
+def communication_bytes(config, *, world_size: int, strategy: str = "none", method: str = "full", dtype=torch.float32,
+                        lora_rank: int = 8, lora_targets=("q_proj", "v_proj"), adapter_dtype=torch.float32) -> dict:
+    """Bytes one rank sends per optimizer step with ring collectives, by collective (see the table in notebook 10).
+    FSDP's pieces are padded; each all-gather and reduce-scatter sends (W - 1) of them."""
+    check_strategy(strategy)
+    _positive("world_size", world_size)
+    w = world_size
+    e = DTYPE_BYTES[dtype_name(dtype)]
+    shapes = parameter_shapes(config)
+    if method == "full":
+        trainable, grad_bytes = shapes, e
+    else:
+        trainable = lora_shapes(architecture(config)[1], lora_rank, lora_targets)
+        grad_bytes = DTYPE_BYTES[dtype_name(adapter_dtype)]
+    grads = grad_bytes * sum(math.prod(s) for s in trainable)
+    if strategy != "full":
+        return {"all-reduce of the gradients": 2 * (w - 1) * grads / w}
+    pieces = sum(shard_numel(s, w) for s in shapes) * e + (0 if method == "full" else
+                                                           sum(shard_numel(s, w) for s in trainable) * grad_bytes)
+    return {"all-gather of the weights (forward and backward)": 2 * (w - 1) * pieces,
+            "reduce-scatter of the gradients": (w - 1) * grad_bytes * sum(shard_numel(s, w) for s in trainable)}

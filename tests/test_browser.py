@@ -98,3 +98,218 @@ def test_every_page_loads_offline_with_plots_and_widgets(chromium, site):
             page.close()
         browser.close()
     assert not outside, f"pages asked for files outside the site: {outside[:5]}"
+
+
+# ---- The notebooks in JupyterLab: a real server on localhost, cells run from the browser ----
+
+LAB_TOKEN = "course-browser-test"
+KNOB_CALL = "widgets.interact("
+
+
+def knob_cell(notebook: Path) -> int:
+    """Index of the notebook's knob: its first code cell that calls widgets.interact."""
+    import nbformat
+
+    cells = nbformat.read(notebook, as_version=4).cells
+    found = [i for i, c in enumerate(cells) if c.cell_type == "code" and KNOB_CALL in c.source]
+    assert found, f"{notebook.name} has no ipywidgets knob (a `{KNOB_CALL}...)` cell)"
+    return found[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab_server(tmp_path_factory, chromium):
+    """JupyterLab on localhost over a copy of the notebooks (autosave must not write outputs into the repository)."""
+    import socket
+    import time
+
+    root = tmp_path_factory.mktemp("lab")
+    (root / "notebooks").mkdir()
+    for notebook in sorted((REPO / "notebooks").glob("*.ipynb")):
+        shutil.copy(notebook, root / "notebooks" / notebook.name)
+    (root / "broken.ipynb").write_text(
+        '{"cells": [{"cell_type": "code", "execution_count": null, "id": "a1", "metadata": {}, "outputs": [], '
+        '"source": ["1 / 0"]}], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", '
+        '"language": "python"}}, "nbformat": 4, "nbformat_minor": 5}')
+    settings = root / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    env["COURSE_BUILD_DIR"] = str(root / "build")
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+               f"--IdentityProvider.token={LAB_TOKEN}", "--LabApp.expose_app_in_browser=True",
+               f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={root / 'settings'}",
+               f"--LabApp.workspaces_dir={root / 'workspaces'}"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        command.append("--allow-root")
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(120):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.fail(f"JupyterLab exited: {(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def lab_browser(lab_server, chromium):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+CURRENT = "window.jupyterapp.shell.currentWidget"
+KERNEL_READY = (f"() => window.jupyterapp && {CURRENT} && {CURRENT}.sessionContext && {CURRENT}.sessionContext.session"
+                f" && {CURRENT}.sessionContext.session.kernel && {CURRENT}.sessionContext.session.kernel.status === 'idle'")
+
+
+class LabNotebook:
+    """One notebook open in JupyterLab, driven through the app's own commands."""
+
+    def __init__(self, browser, server: str, path: str):
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.console_errors = []
+        self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+        self.page.goto(f"{server}/lab/tree/{path}?reset&token={LAB_TOKEN}")  # reset: no tabs restored from before
+        self.page.wait_for_function(f"() => {KERNEL_READY[6:]} && {CURRENT}.context.path === {path!r}", timeout=120_000)
+
+    def run(self, last: int | None = None, timeout_s: int = 600):
+        """Run every cell (last=None) or cells 0..last, and wait until the kernel has finished them."""
+        if last is None:
+            self.page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            target = f"{CURRENT}.content.widgets.length - 1"
+        else:
+            self.page.evaluate(f"""async () => {{ const nb = {CURRENT}.content; nb.activeCellIndex = {last};
+                await window.jupyterapp.commands.execute('notebook:run-all-above');
+                await window.jupyterapp.commands.execute('notebook:run-cell'); }}""")
+            target = str(last)
+        # Done: no cell queued or running, and the last code cell up to the target has an execution count.
+        self.page.wait_for_function(f"""() => {{ const cells = {CURRENT}.content.widgets.slice(0, {target} + 1);
+            const code = cells.filter(c => c.model.type === 'code');
+            const prompts = code.map(c => c.node.querySelector('.jp-InputPrompt').textContent);
+            return !prompts.some(p => p.includes('*')) && code.length > 0 && code[code.length - 1].model.executionCount !== null
+                && {CURRENT}.sessionContext.session.kernel.status === 'idle'; }}""", timeout=timeout_s * 1000, polling=1000)
+
+    def errors(self) -> list[str]:
+        """'ename: evalue' of every error output in the notebook's model (JupyterLab renders them like stderr)."""
+        return self.page.evaluate(f"""() => {CURRENT}.content.widgets.filter(c => c.model.type === 'code')
+            .flatMap(c => c.model.outputs.toJSON()).filter(o => o.output_type === 'error')
+            .map(o => o.ename + ': ' + o.evalue)""")
+
+    def cell(self, index: int):
+        return self.page.locator(".jp-Notebook .jp-Cell").nth(index)
+
+    def close(self):
+        self.page.evaluate(f"async () => {{ await {CURRENT}.sessionContext.shutdown(); }}")
+        self.page.close()
+
+
+def screenshot(page, name: str, element=None):
+    shots = paths.BUILD_DIR / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    (element or page).screenshot(path=str(shots / f"{name}.png"))
+
+
+def changes(read, before, timeout_s: float = 60) -> bool:
+    """Poll `read()` (elements are re-found each time: a widget output re-renders its children) until it differs."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if read() != before:
+                return True
+        except Exception:  # the element is being replaced right now
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def move_first_control(cell) -> str:
+    """Change the knob's first dropdown to another option, or move its first slider one step; returns which."""
+    dropdowns = cell.locator(".widget-dropdown select")
+    if dropdowns.count():
+        select = dropdowns.first
+        options = select.locator("option").all_inner_texts()
+        current = select.input_value()
+        values = select.evaluate("s => [...s.options].map(o => o.value)")
+        other = next(v for v in values if v != current)
+        select.select_option(other)
+        return f"dropdown {options[values.index(other)]!r}"
+    handle = cell.locator(".widget-slider .noUi-handle, .widget-hslider .noUi-handle").first
+    handle.focus()
+    handle.press("ArrowRight")
+    return "slider one step right"
+
+
+def test_lab_shows_an_error_output_when_a_cell_fails(lab_browser, lab_server):
+    """The detector the tests below rely on: a failing cell is seen as an error output."""
+    nb = LabNotebook(lab_browser, lab_server, "broken.ipynb")
+    nb.run()
+    assert any("ZeroDivisionError" in e for e in nb.errors())
+    nb.close()
+
+
+@pytest.mark.parametrize("name", ["00_start_here", "01_memory_estimation"])
+def test_lab_runs_every_cell_without_an_error(lab_browser, lab_server, name):
+    nb = LabNotebook(lab_browser, lab_server, f"notebooks/{name}.ipynb")
+    nb.run()
+    assert not nb.errors(), f"{name}: error outputs in JupyterLab: {nb.errors()[:2]}"
+    if name.startswith("01"):
+        calculator = nb.page.locator(".jp-Cell", has=nb.page.locator(".widget-dropdown select")).last
+        assert calculator.locator(".widget-dropdown select").count() >= 4, "01's calculator is not rendered as widgets"
+        calculator.scroll_into_view_if_needed()
+        chart = calculator.locator(".widget-output img").first
+        verdict = calculator.locator(".widget-output pre, .widget-output .jp-RenderedText").last
+        before_chart, before_verdict = chart.get_attribute("src"), verdict.inner_text()
+        screenshot(nb.page, "lab-01-calculator-before", calculator.locator(".jp-Cell-outputWrapper"))
+        calculator.locator(".widget-dropdown select").first.select_option("Llama-2-70B")
+        assert changes(lambda: chart.get_attribute("src"), before_chart), "the chart did not change with the model"
+        assert changes(lambda: verdict.inner_text(), before_verdict), "the verdict did not change with the model"
+        screenshot(nb.page, "lab-01-calculator-after", calculator.locator(".jp-Cell-outputWrapper"))
+    screenshot(nb.page, f"lab-{name[:2]}")
+    assert not [e for e in nb.console_errors if "favicon" not in e], nb.console_errors[:3]
+    nb.close()
+
+
+LATER = sorted(p.stem for p in (REPO / "notebooks").glob("*.ipynb") if p.name[:2].isdigit() and p.name[:2] >= "02")
+
+
+@pytest.mark.parametrize("name", LATER)
+def test_lab_knob_changes_its_output(lab_browser, lab_server, name):
+    """Each later notebook's knob: run the cells up to it, move one control, and its output must change."""
+    index = knob_cell(REPO / "notebooks" / f"{name}.ipynb")
+    nb = LabNotebook(lab_browser, lab_server, f"notebooks/{name}.ipynb")
+    nb.run(last=index)
+    assert not nb.errors(), f"{name}: error outputs before the knob: {nb.errors()[:2]}"
+    cell = nb.cell(index)
+    cell.scroll_into_view_if_needed()
+    output = cell.locator(".widget-output").first
+    output.wait_for(timeout=60_000)
+    before = output.inner_html()
+    moved = move_first_control(cell)
+    assert changes(lambda: output.inner_html() if output.locator("img, pre, .jp-RenderedText").count() else before, before,
+                   timeout_s=120), f"{name}: moving the knob ({moved}) did not change its output"
+    screenshot(nb.page, f"lab-{name[:2]}-knob", cell.locator(".jp-Cell-outputWrapper"))
+    assert not nb.errors(), f"{name}: the knob ({moved}) raised: {nb.errors()[:2]}"
+    nb.close()

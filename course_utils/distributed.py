@@ -1,0 +1,298 @@
+"""Exported from notebooks/10_scaling_out.ipynb: do not edit here.
+
+Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
+"""
+
+
+"""Training on several processes: DDP and FSDP launched from a notebook, and the bytes they hold and send.
+
+Built in notebooks/10_scaling_out.ipynb. On a laptop the ranks are CPU processes talking over gloo; on a machine
+with two or more GPUs, one process per GPU over NCCL.
+
+    jobs = [Job("ddp", batches, steps=4, lr=1e-3), Job("fsdp", batches, steps=4, lr=1e-3)]
+    per_rank = launch(run_jobs, jobs, world_size=2)   # one list of results per rank
+    reference = [train_single(job) for job in jobs]   # the same steps in this process
+"""
+
+import contextlib
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from course_utils.errors import CourseError
+
+IGNORE_INDEX = -100
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (a container's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_backend() -> str:
+    """NCCL when there are GPUs for two ranks, else gloo on CPU."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "gloo"
+
+
+def check_world_size(world_size, *, backend: str = "gloo", batch_rows: int | None = None) -> int:
+    """`world_size` if this machine can run that many ranks side by side (and split `batch_rows` evenly)."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise CourseError(f"world_size={world_size!r} must be a whole number >= 1 (the number of processes).")
+    slots = torch.cuda.device_count() if backend == "nccl" else usable_cores()
+    what = "GPUs" if backend == "nccl" else "CPU cores"
+    if world_size > slots:
+        raise CourseError(f"world_size={world_size} is more processes than this machine's {slots} {what} can run side "
+                          f"by side; use world_size <= {slots} (one rank per GPU, or per core on CPU).")
+    if batch_rows is not None and batch_rows % world_size:
+        raise CourseError(f"A batch of {batch_rows} rows does not split evenly over {world_size} ranks; use a batch "
+                          f"that is a multiple of {world_size} (e.g. {world_size * max(1, batch_rows // world_size)}).")
+    return world_size
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for rank 0's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world_size, port, backend, out_dir, worker, args):
+    # What torchrun and `accelerate launch` set for every process: who it is, and where rank 0 listens.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    threads = max(1, usable_cores() // world_size)  # the ranks share the cores: more threads would only contend
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        torch.save(worker(*args), Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank leaves while another still talks to it (gloo aborts the process otherwise)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(worker, *args, world_size: int = 2, backend: str | None = None) -> list:
+    """Run `worker(*args)` on `world_size` spawned ranks; returns what each rank's call returned, in rank order."""
+    backend = backend or default_backend()
+    check_world_size(world_size, backend=backend)
+    with tempfile.TemporaryDirectory(prefix="course-ranks-") as out:
+        mp.start_processes(_rank_main, args=(world_size, free_port(), backend, out, worker, args),
+                           nprocs=world_size, start_method="spawn")
+        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+NORMALISATIONS = ("global tokens", "rank mean")
+
+
+def rank_rows(batch: dict, rank: int, world_size: int) -> dict:
+    """Rank `rank`'s contiguous share of a global batch (every tensor split on the rows)."""
+    rows = batch["input_ids"].shape[0]
+    if rows % world_size:
+        raise CourseError(f"A batch of {rows} rows does not split evenly over {world_size} ranks; use a batch that is a "
+                          f"multiple of {world_size}.")
+    share = rows // world_size
+    return {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
+
+
+def label_tokens(batch: dict) -> int:
+    """Tokens the loss is taken over: labels that are not ignored, after the one-token shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_loss(model, batch: dict, normaliser: float) -> torch.Tensor:
+    """Sum of the next-token cross-entropy over the label tokens, divided by `normaliser`."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits, labels = logits[:, :-1], batch["labels"][:, 1:]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the loss in fp32 at least
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum") / normaliser
+
+
+def rank_loss(model, global_batch: dict, rank: int, world_size: int, normalise: str = "global tokens"):
+    """The loss rank `rank` backpropagates: W x (its token sum) / (global tokens), or the trap, its own mean."""
+    if normalise not in NORMALISATIONS:
+        raise CourseError(f"normalise={normalise!r} is unknown; use one of {NORMALISATIONS}.")
+    mine = rank_rows(global_batch, rank, world_size)
+    if normalise == "rank mean":
+        return token_loss(model, mine, label_tokens(mine))
+    return token_loss(model, mine, label_tokens(global_batch) / world_size)
+
+
+@dataclass
+class Job:
+    """One training run every rank performs: a strategy, the global batches, and how long."""
+
+    strategy: str                      # "ddp", "fsdp" or "ddp_lora"
+    batches: list                      # global batches (dicts of tensors); rank r takes its rows of each
+    steps: int = 4
+    lr: float = 1e-3
+    normalise: str = "global tokens"
+    model: str = "lab"
+    lora_rank: int = 8
+    dtype: torch.dtype = torch.float32  # float64 for the proofs: summation order then leaves ~1e-16, not ~1e-7
+    name: str = ""
+
+
+def counting_allreduce(counter: dict, bucket):
+    """DDP's default all-reduce (divide by W, sum over ranks; torch's default_hooks.allreduce_hook), counting
+    the bytes of every bucket it sends."""
+    buffer = bucket.buffer()
+    counter["allreduce"] = counter.get("allreduce", 0) + buffer.numel() * buffer.element_size()
+    future = dist.all_reduce(buffer.div_(dist.get_world_size()), async_op=True).get_future()
+    return future.then(lambda fut: fut.value()[0])
+
+
+def local_tensor(t):
+    """A rank's own piece of a tensor: the local shard of an FSDP DTensor, the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def held_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind the local pieces of `tensors` (FSDP's padding included)."""
+    storages = {}
+    for t in tensors:
+        if t is not None:
+            storage = local_tensor(t).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def rank_bytes(model, optimizer) -> dict:
+    """What this rank holds after backward: trainable parameters, their gradients, the optimizer state."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    states = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return {"parameters": held_bytes(trainable), "gradients": held_bytes(p.grad for p in trainable),
+            "optimizer": held_bytes(states)}
+
+
+@contextlib.contextmanager
+def counting_collectives(counter: dict):
+    """Count the input bytes of every all-gather and reduce-scatter issued inside the block (as FSDP2 calls them)."""
+    originals = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
+
+    def counted(name):
+        def call(output, input, *args, **kwargs):
+            counter[name] = counter.get(name, 0) + input.numel() * input.element_size()
+            return originals[name](output, input, *args, **kwargs)
+        return call
+
+    for name in originals:
+        setattr(dist, name, counted(name))
+    try:
+        yield counter
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def shard_fully(model):
+    """FSDP2 full sharding: each decoder layer, then the rest (embeddings, final norm) at the root. The root is
+    resharded after forward too (FSDP keeps it gathered by default), so every group is gathered twice a step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
+STRATEGIES = ("ddp", "fsdp", "ddp_lora")
+
+
+def job_model(job: Job):
+    """A fresh copy of the job's model in the job's dtype, LoRA added (every linear layer) for ddp_lora."""
+    from course_utils.lora import add_lora
+    from course_utils.models import load_model
+
+    if job.strategy not in STRATEGIES:
+        raise CourseError(f"strategy={job.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
+    model, _ = load_model(job.model, device="cuda" if dist.is_initialized() and dist.get_backend() == "nccl"
+                          else "cpu")
+    model.to(job.dtype)
+    torch.manual_seed(0)  # the same LoRA initialisation on every rank and in the single process
+    if job.strategy == "ddp_lora":
+        add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                 r=job.lora_rank, alpha=2 * job.lora_rank)
+    return model.train()
+
+
+def _on(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run_job(job: Job) -> dict:
+    """Train `job` on this rank (inside `launch`); returns the full trained weights, the losses, what this rank
+    held after its last backward and the bytes it handed to collectives per step."""
+    from accelerate import Accelerator
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = job_model(job)
+    comm = {}
+    if job.strategy == "fsdp":
+        shard_fully(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr, weight_decay=0.0)
+        accelerator = None
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    else:
+        accelerator = Accelerator(cpu=dist.get_backend() != "nccl")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr, weight_decay=0.0)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model.register_comm_hook(comm, counting_allreduce)
+        device = accelerator.device
+    losses = []
+    with counting_collectives(comm):
+        for step in range(job.steps):
+            loss = rank_loss(model, _on(job.batches[step % len(job.batches)], device), rank, world_size, job.normalise)
+            (accelerator.backward(loss) if accelerator else loss.backward())
+            held = rank_bytes(model, optimizer) if step == job.steps - 1 else None  # state exists from step 2 on
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    held["optimizer"] = rank_bytes(model, optimizer)["optimizer"]  # after the last step: all of it allocated
+    plain = accelerator.unwrap_model(model) if accelerator else model
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+               for k, v in plain.state_dict().items()}
+    return {"name": job.name or job.strategy, "rank": rank, "weights": weights, "losses": losses, "held": held,
+            "sent_per_step": {k: v / job.steps for k, v in comm.items()},
+            "distributed_type": str(accelerator.distributed_type) if accelerator else "FSDP2 (fully_shard)",
+            "label_tokens": [label_tokens(rank_rows(b, rank, world_size)) for b in job.batches[:job.steps]]}
+
+
+def run_jobs(jobs: list) -> list:
+    """Every job in turn on this rank (one launch, many runs: starting processes is the slow part)."""
+    return [run_job(job) for job in jobs]
+
+
+def train_single(job: Job) -> dict:
+    """The same steps in this process, on the whole global batch, loss averaged over all its label tokens."""
+    model = job_model(job)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr, weight_decay=0.0)
+    losses = []
+    for step in range(job.steps):
+        batch = _on(job.batches[step % len(job.batches)], device)
+        loss = token_loss(model, batch, label_tokens(batch))
+        loss.backward()
+        held = rank_bytes(model, optimizer) if step == job.steps - 1 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    held["optimizer"] = rank_bytes(model, optimizer)["optimizer"]
+    return {"name": job.name or job.strategy, "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "losses": losses, "held": held}

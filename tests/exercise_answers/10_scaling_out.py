@@ -1,0 +1,25 @@
+"""Plausible wrong answers to notebook 10's exercises (tests/test_exercise_cells.py)."""
+
+import torch
+
+
+def accumulate(seed, micro_batches):
+    # Averages the micro-batches' mean losses: right only when every micro-batch has as many label tokens.
+    model = TinyLM(seed)  # noqa: F821  (defined by the notebook's exercise setup)
+    for m in micro_batches:
+        logits = model(m["ids"])[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), m["labels"][:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+        (loss / len(micro_batches)).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def zero_bytes(n_params, world_size, stage):
+    # Splits only Adam's two moments at stage 1, forgetting the fp32 master copy (4 of the 12 bytes).
+    split = {0: 0, 1: 8, 2: 10, 3: 16}[stage]
+    return (16 - split) * n_params + split * n_params // world_size
+
+
+def ddp_sent_per_step(grad_bytes, world_size, micro_batches, no_sync):
+    # Counts one all-reduce per micro-batch whether or not no_sync is used.
+    return micro_batches * 2 * (world_size - 1) / world_size * grad_bytes

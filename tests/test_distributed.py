@@ -1,0 +1,159 @@
+"""course_utils.distributed and the per-rank estimator (notebook 10), with real 2-process runs."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import LlamaConfig
+
+from course_utils import distributed as D
+from course_utils.errors import CourseError
+from course_utils.memory import BIG, SHARDING, communication_bytes, estimate_memory, shard_numel
+from course_utils.paths import REPO_ROOT
+
+needs_two_cores = pytest.mark.skipif(D.usable_cores() < 2, reason="two ranks need two CPU cores")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from course_utils.models import load_model
+
+    return load_model("lab", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def batches(lab):
+    from course_utils.data import load_task
+    from course_utils.training import chat_batches
+
+    stream = chat_batches(lab[1], load_task("describe", "train"), batch_size=4, seed=3)
+    return [next(stream) for _ in range(2)]
+
+
+@needs_two_cores
+def test_two_ranks_match_one_process_and_the_estimator(lab, batches):
+    jobs = [D.Job("ddp", batches, steps=2, dtype=torch.float64), D.Job("fsdp", batches, steps=2),
+            D.Job("ddp_lora", batches, steps=2, lora_rank=4)]
+    per_rank = D.launch(D.run_jobs, jobs, world_size=2, backend="gloo")
+    ddp, fsdp, lora = ([rank[i] for rank in per_rank] for i in range(3))
+    assert_close(ddp[0]["weights"], D.train_single(jobs[0])["weights"])
+    assert_close(ddp[0]["weights"], ddp[1]["weights"], rtol=0, atol=0)
+    config = lab[0].config
+    for r in fsdp:
+        est = estimate_memory(config, world_size=2, strategy="full", rank=r["rank"], batch_size=4)
+        assert (r["held"]["parameters"], r["held"]["gradients"], r["held"]["optimizer"]) == \
+            (est.weights, est.gradients, est.optimizer)
+    sent = fsdp[0]["sent_per_step"]
+    assert sent["all_gather_single"] + sent["reduce_scatter_single"] / 2 == \
+        sum(communication_bytes(config, world_size=2, strategy="full").values())
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_formula = communication_bytes(config, world_size=2, method="lora", lora_rank=4, lora_targets=targets)
+    assert lora[0]["sent_per_step"]["allreduce"] == sum(lora_formula.values())  # 2 (W-1)/W = 1 at W = 2
+
+
+def test_the_per_rank_mean_is_not_the_global_loss(lab, batches):
+    model = lab[0]
+    batch = batches[0]
+    counts = [D.label_tokens(D.rank_rows(batch, r, 2)) for r in range(2)]
+    assert counts[0] != counts[1]  # describe's answers differ in length
+    with torch.no_grad():
+        whole = D.token_loss(model, batch, D.label_tokens(batch))
+        right = sum(D.rank_loss(model, batch, r, 2) for r in range(2)) / 2
+        trap = sum(D.rank_loss(model, batch, r, 2, "rank mean") for r in range(2)) / 2
+    assert_close(right, whole)
+    assert abs(trap - whole) > 1e-4
+
+
+def test_one_rank_is_the_single_device_estimate():
+    cfg = BIG["Llama-2-7B"]
+    for strategy in SHARDING:
+        assert estimate_memory(cfg, world_size=1, strategy=strategy, batch_size=2).as_dict() == \
+            estimate_memory.__wrapped__(cfg, batch_size=2).as_dict()
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_each_strategy_shards_what_it_names(method):
+    cfg = BIG["Llama-2-13B"]
+    kw = dict(method=method, dtype=torch.bfloat16, batch_size=8, seq_len=256, gradient_checkpointing=True)
+    none = estimate_memory(cfg, world_size=8, strategy="none", **kw)
+    for strategy, parts in SHARDING.items():
+        est = estimate_memory(cfg, world_size=8, strategy=strategy, **kw)
+        for part in ("weights", "gradients", "optimizer", "master"):
+            if part in parts and getattr(none, part):
+                assert getattr(est, part) < getattr(none, part), (strategy, part)
+            elif part not in parts:
+                assert getattr(est, part) == getattr(none, part), (strategy, part)
+        assert est.activations == none.activations
+
+
+def test_zero3_of_evenly_divisible_tensors_is_a_sixteenth_over_16_ranks():
+    cfg = BIG["Llama-2-7B"]  # every tensor's first dimension divisible by 16
+    full = estimate_memory(cfg, dtype=torch.bfloat16, world_size=16, strategy="full", batch_size=16)
+    one = estimate_memory(cfg, dtype=torch.bfloat16, batch_size=1)
+    assert full.weights * 16 == one.weights and full.gradients * 16 == one.gradients
+    assert full.master * 16 == one.master  # 16 bytes a parameter / 16 ranks (ZeRO-3)
+
+
+def test_shard_numel_pads_like_torch_chunk():
+    assert shard_numel((653, 128), 2) == 327 * 128
+    assert shard_numel((653, 128), 2, 1, padded=False) == 326 * 128
+    assert [shard_numel((3,), 4, r, padded=False) for r in range(4)] == [1, 1, 1, 0]
+    assert [len(c) for c in torch.chunk(torch.zeros(10), 4)] == [shard_numel((10,), 4, r, padded=False) for r in range(4)]
+
+
+def test_communication_formula():
+    cfg = BIG["Llama-2-7B"]
+    n = estimate_memory(cfg).detail["parameters"]
+    for w in (2, 4, 8):
+        ddp = sum(communication_bytes(cfg, world_size=w, dtype=torch.bfloat16).values())
+        assert ddp == 2 * (w - 1) / w * 2 * n
+        assert sum(communication_bytes(cfg, world_size=w, strategy="gradients", dtype=torch.bfloat16).values()) == ddp
+        assert sum(communication_bytes(cfg, world_size=w, strategy="full", dtype=torch.bfloat16).values()) == 1.5 * ddp
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: estimate_memory(BIG["Llama-2-7B"], world_size=3, batch_size=8), "split evenly"),
+    (lambda: estimate_memory(BIG["Llama-2-7B"], world_size=2, strategy="zero2"), "none, optimizer, gradients, full"),
+    (lambda: estimate_memory(BIG["Llama-2-7B"], world_size=2, batch_size=2, rank=2), "between 0 and"),
+    (lambda: estimate_memory(BIG["Llama-2-7B"], world_size=0), "world_size"),
+    (lambda: D.check_world_size(10_000), "more processes"),
+    (lambda: D.check_world_size(2, batch_rows=5), "multiple of 2"),
+    (lambda: D.launch(D.run_jobs, [], world_size=10_000), "more processes"),
+    (lambda: communication_bytes(BIG["Llama-2-7B"], world_size=2, strategy="ddp"), "unknown"),
+])
+def test_bad_input_says_what_to_do(call, words):
+    with pytest.raises(CourseError, match=re.escape(words)):
+        call()
+
+
+def test_bad_job_input(batches):
+    with pytest.raises(CourseError, match="multiple of 3"):
+        D.rank_rows(batches[0], 0, 3)
+    with pytest.raises(CourseError, match="normalise"):
+        D.rank_loss(None, batches[0], 0, 2, "per token")
+    with pytest.raises(CourseError, match="ddp, fsdp, ddp_lora"):
+        D.job_model(D.Job("zero3", batches))
+
+
+def test_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((REPO_ROOT / "configs" / "accelerate").glob("*.yaml"))
+    kinds = {f.name: str(load_config_from_file(str(f)).distributed_type) for f in files}
+    assert kinds == {"ddp_cpu.yaml": "DistributedType.MULTI_CPU", "ddp_gpus.yaml": "DistributedType.MULTI_GPU",
+                     "deepspeed_zero2.yaml": "DistributedType.DEEPSPEED", "fsdp.yaml": "DistributedType.FSDP"}
+
+
+@needs_two_cores
+def test_accelerate_launch_with_the_shipped_cpu_config():
+    """The README's command: accelerate launch starts the ranks, the course's code trains on them."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    out = subprocess.run([*accelerate, "--config_file", str(REPO_ROOT / "configs/accelerate/ddp_cpu.yaml"), "-m",
+                          "course_utils", "distributed", "--steps", "2"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    match = re.search(r"ddp on 2 ranks \(DistributedType.MULTI_CPU\).*one process ([0-9.e+-]+)", out.stdout)
+    assert match and float(match.group(1)) < 1e-12, out.stdout

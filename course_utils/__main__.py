@@ -39,6 +39,9 @@ def _distributed(args) -> int:
     from .models import load_model
     from .training import chat_batches
 
+    if any(os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true" for kind in ("FSDP", "DEEPSPEED")):
+        raise CourseError("This command wraps the model itself (--strategy ddp, fsdp or ddp_lora): launch it with "
+                          "configs/accelerate/ddp_cpu.yaml or ddp_gpus.yaml, or with torchrun, not an FSDP or DeepSpeed config.")
     _, tok = load_model("lab", device="cpu")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by accelerate launch or torchrun
     world_size = int(os.environ["WORLD_SIZE"]) if launched else args.world_size

@@ -44,13 +44,15 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "gloo"
 
 
-def check_world_size(world_size, *, backend: str = "gloo", batch_rows: int | None = None) -> int:
-    """`world_size` if this machine can run that many ranks side by side (and split `batch_rows` evenly)."""
+def check_world_size(world_size, *, backend: str = "gloo", batch_rows: int | None = None,
+                     oversubscribe: bool = False) -> int:
+    """`world_size` if this machine can run that many ranks side by side (and split `batch_rows` evenly).
+    `oversubscribe=True` lets more CPU ranks than cores share them (slow; the tests use it for 3 ranks)."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise CourseError(f"world_size={world_size!r} must be a whole number >= 1 (the number of processes).")
     slots = torch.cuda.device_count() if backend == "nccl" else usable_cores()
     what = "GPUs" if backend == "nccl" else "CPU cores"
-    if world_size > slots:
+    if world_size > slots and not (oversubscribe and backend != "nccl"):
         raise CourseError(f"world_size={world_size} is more processes than this machine's {slots} {what} can run side "
                           f"by side; use world_size <= {slots} (one rank per GPU, or per core on CPU).")
     if batch_rows is not None and batch_rows % world_size:
@@ -83,10 +85,10 @@ def _rank_main(rank, world_size, port, backend, out_dir, worker, args):
         dist.destroy_process_group()
 
 
-def launch(worker, *args, world_size: int = 2, backend: str | None = None) -> list:
+def launch(worker, *args, world_size: int = 2, backend: str | None = None, oversubscribe: bool = False) -> list:
     """Run `worker(*args)` on `world_size` spawned ranks; returns what each rank's call returned, in rank order."""
     backend = backend or default_backend()
-    check_world_size(world_size, backend=backend)
+    check_world_size(world_size, backend=backend, oversubscribe=oversubscribe)
     with tempfile.TemporaryDirectory(prefix="course-ranks-") as out:
         mp.start_processes(_rank_main, args=(world_size, free_port(), backend, out, worker, args),
                            nprocs=world_size, start_method="spawn")
@@ -121,14 +123,26 @@ def token_loss(model, batch: dict, normaliser: float) -> torch.Tensor:
                            reduction="sum") / normaliser
 
 
+def global_label_tokens(local_batch: dict) -> int:
+    """What a rank that holds only its own rows does: sum every rank's label-token count with one all-reduce."""
+    count = torch.tensor([label_tokens(local_batch)], device=local_batch["labels"].device)
+    dist.all_reduce(count)
+    return int(count)
+
+
 def rank_loss(model, global_batch: dict, rank: int, world_size: int, normalise: str = "global tokens"):
-    """The loss rank `rank` backpropagates: W x (its token sum) / (global tokens), or the trap, its own mean."""
+    """The loss rank `rank` backpropagates: its token sum / the global token count (its share of the one-process
+    loss; the gradients are then summed over the ranks), or the trap, its own mean (gradients averaged, as DDP's
+    default does)."""
     if normalise not in NORMALISATIONS:
         raise CourseError(f"normalise={normalise!r} is unknown; use one of {NORMALISATIONS}.")
     mine = rank_rows(global_batch, rank, world_size)
     if normalise == "rank mean":
         return token_loss(model, mine, label_tokens(mine))
-    return token_loss(model, mine, label_tokens(global_batch) / world_size)
+    return token_loss(model, mine, label_tokens(global_batch))
+
+
+STRATEGIES = ("ddp", "fsdp", "ddp_lora")
 
 
 @dataclass
@@ -142,16 +156,24 @@ class Job:
     normalise: str = "global tokens"
     model: str = "lab"
     lora_rank: int = 8
-    dtype: torch.dtype = torch.float32  # float64 for the proofs: summation order then leaves ~1e-16, not ~1e-7
+    dtype: torch.dtype = torch.float32  # float64 for the proofs: summing in another order then costs far less
     name: str = ""
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise CourseError(f"strategy={self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
+        if not isinstance(self.steps, int) or self.steps < 1 or not self.batches:
+            raise CourseError(f"A job needs steps >= 1 (got {self.steps!r}) and at least one batch.")
 
 
 def counting_allreduce(counter: dict, bucket):
-    """DDP's default all-reduce (divide by W, sum over ranks; torch's default_hooks.allreduce_hook), counting
-    the bytes of every bucket it sends."""
+    """All-reduce one DDP bucket, counting its bytes: a sum, or with counter["average"] DDP's default (divide by
+    W, then sum: torch's default_hooks.allreduce_hook)."""
     buffer = bucket.buffer()
     counter["allreduce"] = counter.get("allreduce", 0) + buffer.numel() * buffer.element_size()
-    future = dist.all_reduce(buffer.div_(dist.get_world_size()), async_op=True).get_future()
+    if counter.get("average"):
+        buffer.div_(dist.get_world_size())
+    future = dist.all_reduce(buffer, async_op=True).get_future()
     return future.then(lambda fut: fut.value()[0])
 
 
@@ -198,38 +220,39 @@ def counting_collectives(counter: dict):
             setattr(dist, name, fn)
 
 
-def shard_fully(model):
+def shard_fully(model, *, sum_gradients: bool = True):
     """FSDP2 full sharding: each decoder layer, then the rest (embeddings, final norm) at the root. The root is
-    resharded after forward too (FSDP keeps it gathered by default), so every group is gathered twice a step."""
+    resharded after forward too (FSDP keeps it gathered by default), so every group is gathered twice a step.
+    `sum_gradients`: reduce-scatter a sum (the losses are shares of the global mean) instead of FSDP's average."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    if sum_gradients:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-scaled sum)
     return model
-
-
-STRATEGIES = ("ddp", "fsdp", "ddp_lora")
 
 
 def job_model(job: Job):
     """A fresh copy of the job's model in the job's dtype, LoRA added (every linear layer) for ddp_lora."""
     from course_utils.lora import add_lora
+    from course_utils.memory import LAYER_LINEARS
     from course_utils.models import load_model
 
-    if job.strategy not in STRATEGIES:
-        raise CourseError(f"strategy={job.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
-    model, _ = load_model(job.model, device="cuda" if dist.is_initialized() and dist.get_backend() == "nccl"
-                          else "cpu")
+    model, _ = load_model(job.model, device="cpu")
     model.to(job.dtype)
-    torch.manual_seed(0)  # the same LoRA initialisation on every rank and in the single process
+    torch.manual_seed(0)  # the same LoRA initialisation on every rank and in the single process: drawn on the CPU
     if job.strategy == "ddp_lora":
-        add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                 r=job.lora_rank, alpha=2 * job.lora_rank)
-    return model.train()
+        add_lora(model, list(LAYER_LINEARS), r=job.lora_rank, alpha=2 * job.lora_rank)
+    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
+    return model.to("cuda" if on_gpu else "cpu").train()
 
 
 def _on(batch, device):
@@ -243,9 +266,9 @@ def run_job(job: Job) -> dict:
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = job_model(job)
-    comm = {}
+    comm = {"average": job.normalise == "rank mean"}  # a per-rank mean is averaged, as DDP's default does
     if job.strategy == "fsdp":
-        shard_fully(model)
+        shard_fully(model, sum_gradients=job.normalise != "rank mean")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr, weight_decay=0.0)
         accelerator = None
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
@@ -255,23 +278,32 @@ def run_job(job: Job) -> dict:
         model, optimizer = accelerator.prepare(model, optimizer)
         model.register_comm_hook(comm, counting_allreduce)
         device = accelerator.device
-    losses = []
+    plain = accelerator.unwrap_model(model) if accelerator else model
+    losses, first_gradients = [], None
+    first = _on(job.batches[0], device)
+    tokens_agree = global_label_tokens(rank_rows(first, rank, world_size)) == label_tokens(first)
     with counting_collectives(comm):
         for step in range(job.steps):
             loss = rank_loss(model, _on(job.batches[step % len(job.batches)], device), rank, world_size, job.normalise)
             (accelerator.backward(loss) if accelerator else loss.backward())
+            if step == 0:  # Adam hardly sees a gradient's scale: the gradients themselves show a missing factor W
+                first_gradients = {n: full_tensor(p.grad) for n, p in plain.named_parameters() if p.grad is not None}
             held = rank_bytes(model, optimizer) if step == job.steps - 1 else None  # state exists from step 2 on
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
     held["optimizer"] = rank_bytes(model, optimizer)["optimizer"]  # after the last step: all of it allocated
-    plain = accelerator.unwrap_model(model) if accelerator else model
-    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
-               for k, v in plain.state_dict().items()}
+    weights = {k: full_tensor(v) for k, v in plain.state_dict().items()}
     return {"name": job.name or job.strategy, "rank": rank, "weights": weights, "losses": losses, "held": held,
-            "sent_per_step": {k: v / job.steps for k, v in comm.items()},
+            "first_gradients": first_gradients, "tokens_agree": tokens_agree,
+            "sent_per_step": {k: v / job.steps for k, v in comm.items() if k != "average"},
             "distributed_type": str(accelerator.distributed_type) if accelerator else "FSDP2 (fully_shard)",
             "label_tokens": [label_tokens(rank_rows(b, rank, world_size)) for b in job.batches[:job.steps]]}
+
+
+def full_tensor(t) -> torch.Tensor:
+    """A whole tensor on the CPU: an FSDP DTensor gathered from every rank (all ranks must call this together)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
 
 
 def run_jobs(jobs: list) -> list:
@@ -289,10 +321,12 @@ def train_single(job: Job) -> dict:
         batch = _on(job.batches[step % len(job.batches)], device)
         loss = token_loss(model, batch, label_tokens(batch))
         loss.backward()
+        if step == 0:
+            first_gradients = {n: full_tensor(p.grad) for n, p in model.named_parameters() if p.grad is not None}
         held = rank_bytes(model, optimizer) if step == job.steps - 1 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     held["optimizer"] = rank_bytes(model, optimizer)["optimizer"]
-    return {"name": job.name or job.strategy, "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "losses": losses, "held": held}
+    return {"name": job.name or job.strategy, "weights": {k: full_tensor(v) for k, v in model.state_dict().items()},
+            "losses": losses, "held": held, "first_gradients": first_gradients}

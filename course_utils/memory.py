@@ -558,6 +558,17 @@ def parameter_shapes(config) -> list[tuple[int, ...]]:
     return _SHAPES[key]
 
 
+def base_piece_bytes(config, world_size: int, rank: int, method: str, e: int, double_quant: bool = True) -> int:
+    """Bytes of one rank's padded pieces of the model's own weights (LoRA adapters not included). QLoRA's 4-bit
+    linears are split as packed bytes, evenly (FSDP-QLoRA shards their flattened storage)."""
+    pieces = e * sum(shard_numel(s, world_size, rank) for s in parameter_shapes(config))
+    if method == "qlora":
+        linear_numels = [o * i for o, i in architecture(config)[1].values()]
+        pieces -= sum(n * e for n in linear_numels) // world_size
+        pieces += sum(math.ceil(nf4_bytes(n, double_quant) / world_size) for n in linear_numels)
+    return pieces
+
+
 def _single_device(estimate):
     return getattr(estimate, "__wrapped__", estimate)  # running this cell twice must not wrap the wrapper
 
@@ -605,15 +616,9 @@ def per_rank(estimate):
         parts["optimizer"] = optimizer_state_bytes(held(trainable, padded=False), optimizer, state_bytes)
         parts["master"] = FLOAT_BYTES * sum(held(trainable)) if mixed else 0
         parts["gradients"] = grad_bytes * sum(held(trainable))
-        if method == "full":
-            parts["weights"] = e * sum(held(shapes))
-        else:
-            frozen = sum(held(shapes)) * e
-            if method == "qlora":  # the 4-bit linears' storage, split evenly (FSDP-QLoRA shards the packed bytes)
-                linear_numels = [o * i for o, i in architecture(config)[1].values()]
-                frozen -= sum(n * e for n in linear_numels) // world_size
-                frozen += sum(math.ceil(nf4_bytes(n, options.get("double_quant", True)) / world_size) for n in linear_numels)
-            parts["weights"] = frozen + adapter_bytes * sum(held(trainable))
+        parts["weights"] = base_piece_bytes(config, world_size, rank, method, e, options.get("double_quant", True))
+        if method != "full":
+            parts["weights"] += adapter_bytes * sum(held(trainable))
         out = replace(out, **{part: parts[part] for part in sharded}, detail=out.detail)
         if "optimizer" in sharded:
             out.step_transient = optimizer_step_temporaries(held(trainable, padded=False), optimizer, state_bytes,
@@ -627,7 +632,8 @@ estimate_memory = per_rank(estimate_memory)
 
 
 def communication_bytes(config, *, world_size: int, strategy: str = "none", method: str = "full", dtype=torch.float32,
-                        lora_rank: int = 8, lora_targets=("q_proj", "v_proj"), adapter_dtype=torch.float32) -> dict:
+                        lora_rank: int = 8, lora_targets=("q_proj", "v_proj"), adapter_dtype=torch.float32,
+                        double_quant: bool = True) -> dict:
     """Bytes one rank sends per optimizer step with ring collectives, by collective (see the table in notebook 10).
     FSDP's pieces are padded; each all-gather and reduce-scatter sends (W - 1) of them."""
     check_strategy(strategy)
@@ -641,9 +647,13 @@ def communication_bytes(config, *, world_size: int, strategy: str = "none", meth
         trainable = lora_shapes(architecture(config)[1], lora_rank, lora_targets)
         grad_bytes = DTYPE_BYTES[dtype_name(adapter_dtype)]
     grads = grad_bytes * sum(math.prod(s) for s in trainable)
-    if strategy != "full":
+    if strategy == "none":
         return {"all-reduce of the gradients": 2 * (w - 1) * grads / w}
-    pieces = sum(shard_numel(s, w) for s in shapes) * e + (0 if method == "full" else
-                                                           sum(shard_numel(s, w) for s in trainable) * grad_bytes)
+    if strategy in ("optimizer", "gradients"):  # the updated trainable weights are as many bytes as their gradients
+        return {"reduce-scatter of the gradients": (w - 1) * grads / w,
+                "all-gather of the updated weights": (w - 1) * grads / w}
+    pieces = base_piece_bytes(config, w, 0, method, e, double_quant)
+    if method != "full":
+        pieces += sum(shard_numel(s, w) for s in trainable) * grad_bytes
     return {"all-gather of the weights (forward and backward)": 2 * (w - 1) * pieces,
             "reduce-scatter of the gradients": (w - 1) * grad_bytes * sum(shard_numel(s, w) for s in trainable)}

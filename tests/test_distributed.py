@@ -33,25 +33,47 @@ def batches(lab):
     return [next(stream) for _ in range(2)]
 
 
+def ring_bytes(sent: dict, w: int) -> float:
+    """Bytes a rank sends per step with ring collectives, from the counted collective inputs."""
+    return (2 * (w - 1) / w * sent.get("allreduce", 0) + (w - 1) * sent.get("all_gather_single", 0)
+            + (w - 1) / w * sent.get("reduce_scatter_single", 0))
+
+
+def lab_batches(lab, rows, count=2, seed=3):
+    from course_utils.data import load_task
+    from course_utils.training import chat_batches
+
+    stream = chat_batches(lab[1], load_task("describe", "train"), batch_size=rows, seed=seed)
+    return [next(stream) for _ in range(count)]
+
+
 @needs_two_cores
-def test_two_ranks_match_one_process_and_the_estimator(lab, batches):
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_match_one_process_and_the_estimator(lab, world_size):
+    """2 ranks, and 3 (oversubscribed on 2 cores): 3 splits the lab model's 653 embedding rows and 128-wide norms
+    unevenly, and makes the ring factors (W - 1) / W differ from 1."""
+    batches = lab_batches(lab, rows=2 * world_size)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     jobs = [D.Job("ddp", batches, steps=2, dtype=torch.float64), D.Job("fsdp", batches, steps=2),
-            D.Job("ddp_lora", batches, steps=2, lora_rank=4)]
-    per_rank = D.launch(D.run_jobs, jobs, world_size=2, backend="gloo")
-    ddp, fsdp, lora = ([rank[i] for rank in per_rank] for i in range(3))
-    assert_close(ddp[0]["weights"], D.train_single(jobs[0])["weights"])
-    assert_close(ddp[0]["weights"], ddp[1]["weights"], rtol=0, atol=0)
+            D.Job("ddp_lora", batches, steps=2, lora_rank=4), D.Job("fsdp", batches, steps=2, dtype=torch.float64)]
+    per_rank = D.launch(D.run_jobs, jobs, world_size=world_size, backend="gloo", oversubscribe=True)
+    ddp, fsdp, lora, fsdp64 = ([rank[i] for rank in per_rank] for i in range(4))
+    single = D.train_single(jobs[0])
+    assert_close(ddp[0]["first_gradients"], single["first_gradients"])
+    assert_close(ddp[0]["weights"], single["weights"])
+    assert_close(ddp[0]["weights"], ddp[-1]["weights"], rtol=0, atol=0)
+    assert_close(fsdp64[0]["weights"], single["weights"])
     config = lab[0].config
     for r in fsdp:
-        est = estimate_memory(config, world_size=2, strategy="full", rank=r["rank"], batch_size=4)
+        est = estimate_memory(config, world_size=world_size, strategy="full", rank=r["rank"], batch_size=2 * world_size)
         assert (r["held"]["parameters"], r["held"]["gradients"], r["held"]["optimizer"]) == \
-            (est.weights, est.gradients, est.optimizer)
-    sent = fsdp[0]["sent_per_step"]
-    assert sent["all_gather_single"] + sent["reduce_scatter_single"] / 2 == \
-        sum(communication_bytes(config, world_size=2, strategy="full").values())
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    lora_formula = communication_bytes(config, world_size=2, method="lora", lora_rank=4, lora_targets=targets)
-    assert lora[0]["sent_per_step"]["allreduce"] == sum(lora_formula.values())  # 2 (W-1)/W = 1 at W = 2
+            (est.weights, est.gradients, est.optimizer), r["rank"]
+        assert ring_bytes(r["sent_per_step"], world_size) == \
+            sum(communication_bytes(config, world_size=world_size, strategy="full").values())
+    assert len({r["held"]["optimizer"] for r in fsdp}) > 1 or world_size == 2  # uneven pieces at W = 3
+    formula = communication_bytes(config, world_size=world_size, method="lora", lora_rank=4, lora_targets=targets)
+    assert ring_bytes(lora[0]["sent_per_step"], world_size) == pytest.approx(sum(formula.values()), rel=1e-12)
+    assert all(r["tokens_agree"] for rank in per_rank for r in rank)
 
 
 def test_the_per_rank_mean_is_not_the_global_loss(lab, batches):
@@ -61,7 +83,7 @@ def test_the_per_rank_mean_is_not_the_global_loss(lab, batches):
     assert counts[0] != counts[1]  # describe's answers differ in length
     with torch.no_grad():
         whole = D.token_loss(model, batch, D.label_tokens(batch))
-        right = sum(D.rank_loss(model, batch, r, 2) for r in range(2)) / 2
+        right = sum(D.rank_loss(model, batch, r, 2) for r in range(2))
         trap = sum(D.rank_loss(model, batch, r, 2, "rank mean") for r in range(2)) / 2
     assert_close(right, whole)
     assert abs(trap - whole) > 1e-4
@@ -135,7 +157,18 @@ def test_bad_job_input(batches):
     with pytest.raises(CourseError, match="normalise"):
         D.rank_loss(None, batches[0], 0, 2, "per token")
     with pytest.raises(CourseError, match="ddp, fsdp, ddp_lora"):
-        D.job_model(D.Job("zero3", batches))
+        D.Job("zero3", batches)
+    with pytest.raises(CourseError, match="steps >= 1"):
+        D.Job("ddp", batches, steps=0)
+
+
+def test_the_command_refuses_an_fsdp_accelerate_config():
+    import os
+
+    env = dict(os.environ, ACCELERATE_USE_FSDP="true")
+    out = subprocess.run([sys.executable, "-m", "course_utils", "distributed"], capture_output=True, text=True,
+                         env=env, cwd=REPO_ROOT, timeout=120)
+    assert out.returncode == 2 and "ddp_cpu.yaml" in out.stderr
 
 
 def test_accelerate_configs_load():
@@ -157,3 +190,30 @@ def test_accelerate_launch_with_the_shipped_cpu_config():
     assert out.returncode == 0, out.stderr[-2000:]
     match = re.search(r"ddp on 2 ranks \(DistributedType.MULTI_CPU\).*one process ([0-9.e+-]+)", out.stdout)
     assert match and float(match.group(1)) < 1e-12, out.stdout
+
+
+def test_scaling_the_loss_by_w_is_exact_only_for_powers_of_two(lab):
+    """Notebook 10's caution: Trainer-style W x loss with averaged gradients meets LlamaRMSNorm's float32 rounding
+    unless W is a power of two, while shares of the global mean with summed gradients stay exact."""
+    model = lab[0].double()
+    try:
+        def grads(losses):
+            model.zero_grad()
+            for loss in losses:
+                loss.backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        for w in (2, 3):
+            batch = lab_batches(lab, rows=2 * w, count=1)[0]
+            whole = grads([D.token_loss(model, batch, D.label_tokens(batch))])
+            summed = grads([D.rank_loss(model, batch, r, w) for r in range(w)])
+            scaled = grads([w * D.rank_loss(model, batch, r, w) for r in range(w)])
+            scaled = {n: g / w for n, g in scaled.items()}
+            # Relative to each tensor's largest gradient: float64 rounding stays far below 1e-12, float32's does not
+            def gap(got):
+                return max(((got[n] - whole[n]).abs().max() / whole[n].abs().max()).item() for n in whole)
+
+            assert gap(summed) < 1e-12
+            assert (gap(scaled) < 1e-12) == (w == 2), (w, gap(scaled))
+    finally:
+        model.float()

@@ -3,7 +3,7 @@
 A solution cell's lines are searched for in the whole student copy, except lines that also appear outside the
 solution cells of the instructor's notebook (an `import torch` is no secret). A student copy keeps every other cell
 unchanged, so its exercise section is exactly what tests/test_exercise_cells.py runs as "the starter" (every check
-reports "not attempted", nothing fails); notebook 00's student copy also runs end to end under nbval here.
+reports "not attempted", nothing fails); notebooks 00, 01 and 10's student copies also run end to end under nbval here.
 """
 
 import subprocess
@@ -56,8 +56,10 @@ def test_instructor_notebooks_are_left_as_they_are(tmp_path):
     assert {p.name: p.read_bytes() for p in NOTEBOOKS} == before
 
 
-def test_student_copy_runs_under_nbval(tmp_path):
-    (copy,) = write_student_copies(tmp_path, [p for p in NOTEBOOKS if p.name.startswith("00_")])
+@pytest.mark.parametrize("number", ["00", "01", "10"])
+def test_student_copy_runs_under_nbval(tmp_path, number):
+    """Three of the quicker notebooks, end to end as a student gets them (every check: "not attempted")."""
+    (copy,) = write_student_copies(tmp_path, [p for p in NOTEBOOKS if p.name.startswith(f"{number}_")])
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider",
                              "--nbval-cell-timeout=600", str(copy)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

@@ -20,6 +20,7 @@ def zero_bytes(n_params, world_size, stage):
     return (16 - split) * n_params + split * n_params // world_size
 
 
-def ddp_sent_per_step(grad_bytes, world_size, micro_batches, no_sync):
-    # Counts one all-reduce per micro-batch whether or not no_sync is used.
-    return micro_batches * 2 * (world_size - 1) / world_size * grad_bytes
+def fsdp_sent_per_step(weight_piece_bytes, grad_piece_bytes, world_size, micro_batches, sync_every_micro_batch):
+    # Gathers the weights once per optimizer step, as if they stayed whole between micro-batches.
+    scatters = (micro_batches if sync_every_micro_batch else 1) * (world_size - 1) * grad_piece_bytes
+    return 2 * (world_size - 1) * weight_piece_bytes + scatters

@@ -33,3 +33,12 @@ def test_installed_versions_match_pins():
     for pin in pyproject_pins():
         name, wanted = pin.split("==")
         assert version(name).split("+")[0] == wanted, f"{name} {version(name)} installed, {wanted} pinned: run `make install`"
+
+
+def test_the_changelog_names_the_package_version():
+    """A tagged release is a CHANGELOG entry and the package version together (docs/instructors.md)."""
+    import re
+
+    package = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    newest = re.search(r"^## (\S+)", (REPO_ROOT / "CHANGELOG.md").read_text(), re.M).group(1)
+    assert newest == package, f"CHANGELOG's newest entry is {newest}, pyproject says {package}"

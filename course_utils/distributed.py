@@ -240,6 +240,23 @@ def shard_fully(model, *, sum_gradients: bool = True):
     return model
 
 
+def rms_norm_in_own_dtype(self, hidden_states):
+    """LlamaRMSNorm's formula computed in the tensor's own dtype (transformers computes it in float32 always)."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def float64_throughout(model):
+    """Make the norms compute in float64 too: transformers' RMSNorm upcasts to float32 (right for bf16 training),
+    which in a float64 model rounds differently when the same rows are computed in a batch of another size."""
+    import types
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(rms_norm_in_own_dtype, module)
+    return model
+
+
 def job_model(job: Job):
     """A fresh copy of the job's model in the job's dtype, LoRA added (every linear layer) for ddp_lora."""
     from course_utils.lora import add_lora
@@ -248,6 +265,8 @@ def job_model(job: Job):
 
     model, _ = load_model(job.model, device="cpu")
     model.to(job.dtype)
+    if job.dtype == torch.float64:
+        float64_throughout(model)
     torch.manual_seed(0)  # the same LoRA initialisation on every rank and in the single process: drawn on the CPU
     if job.strategy == "ddp_lora":
         add_lora(model, list(LAYER_LINEARS), r=job.lora_rank, alpha=2 * job.lora_rank)

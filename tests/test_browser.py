@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from course_utils import paths
+from course_utils.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = "sudo apt-get install -y chromium"
@@ -122,14 +123,6 @@ def knob_cell(notebook: Path) -> int:
     found = [i for i, c in enumerate(cells) if c.cell_type == "code" and KNOB_CALL in c.source]
     assert found, f"{notebook.name} has no ipywidgets knob (a `{KNOB_CALL}...)` cell)"
     return found[0]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

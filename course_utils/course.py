@@ -35,6 +35,67 @@ def runs_path(stem: str) -> Path:
     return paths.BUILD_DIR / "runs" / f"{stem}.json"
 
 
+# A missed wake-up: nbclient waits for the kernel's reply with one zmq poll as long as the cell timeout. When two
+# channels are polled at once (a widget cell floods iopub while the shell reply arrives), pyzmq's asyncio poller can
+# miss the socket's edge-triggered event; the poll then sleeps until its timeout and only then finds the message,
+# which was there all along. Measured: an idle kernel for exactly 600 s (the cell timeout) after a widgets.interact
+# cell. Polling in short slices bounds a missed wake-up to one slice; the cell timeout still holds overall.
+POLL_SLICE_SECONDS = 0.5
+STALL_SECONDS = 5  # a gap between two cells longer than this is a stall, not a slow notebook
+
+
+def _client_class():
+    import nbclient
+
+    class SlicedPollClient(nbclient.NotebookClient):
+        """nbclient, with the shell and iopub channels polled in slices (see POLL_SLICE_SECONDS)."""
+
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            for channel in (kc.shell_channel, kc.iopub_channel):
+                channel.get_msg = _slice_polls(channel.get_msg)
+            return kc
+
+    return SlicedPollClient
+
+
+def _slice_polls(get_msg):
+    """Wrap a channel's async `get_msg` so that it polls in slices until the caller's timeout (None: forever)."""
+    import queue
+
+    async def sliced(timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = POLL_SLICE_SECONDS if deadline is None else min(POLL_SLICE_SECONDS, deadline - time.monotonic())
+            try:
+                return await get_msg(timeout=max(left, 0.001))
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    return sliced
+
+
+def cell_gaps(nb) -> list[tuple[int, float]]:
+    """(cell index, seconds) for every code cell the kernel started later than STALL_SECONDS after the previous one ended."""
+    import datetime
+
+    def stamp(text):
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    gaps, previous_end = [], None
+    for index, cell in enumerate(nb.cells):
+        timing = cell.get("metadata", {}).get("execution", {})
+        start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+        if start and previous_end is not None:
+            gap = (stamp(start) - previous_end).total_seconds()
+            if gap > STALL_SECONDS:
+                gaps.append((index, gap))
+        if end:
+            previous_end = stamp(end)
+    return gaps
+
+
 def execute(notebook: Path, overrides: dict, cell_timeout: int = CELL_TIMEOUT) -> dict:
     """Run one notebook in a fresh kernel; write the executed copy and its HTML to build/."""
     import nbclient
@@ -44,7 +105,7 @@ def execute(notebook: Path, overrides: dict, cell_timeout: int = CELL_TIMEOUT) -
     stem = notebook.stem
     clear_results(stem)
     nb = inject_parameters(nbformat.read(notebook, as_version=4), overrides)
-    client = nbclient.NotebookClient(
+    client = _client_class()(
         nb, timeout=cell_timeout, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
     )
     start = time.perf_counter()
@@ -60,7 +121,8 @@ def execute(notebook: Path, overrides: dict, cell_timeout: int = CELL_TIMEOUT) -
     nbformat.write(nb, paths.BUILD_DIR / notebook.name)
     html, _ = HTMLExporter().from_notebook_node(nb)
     (paths.BUILD_DIR / f"{stem}.html").write_text(html)
-    record = {"notebook": stem, "status": status, "wall_s": wall, "peak_bytes": _children_peak_rss(), "error": error}
+    record = {"notebook": stem, "status": status, "wall_s": wall, "peak_bytes": _children_peak_rss(), "error": error,
+              "stalls": cell_gaps(nb)}
     runs_path(stem).parent.mkdir(parents=True, exist_ok=True)
     runs_path(stem).write_text(json.dumps(record, indent=2))
     return record
@@ -122,8 +184,12 @@ def table(records: list[dict]) -> str:
         results = read_results(rec["notebook"])
         shown = [_shown(k, v) for k, v in results.items()]
         status = rec["status"]
+        stalls = rec.get("stalls", [])
         if status == "PASS" and (rec["wall_s"] > budget_seconds(rec["notebook"]) or rec["peak_bytes"] > BUDGET_BYTES):
             status = "PASS*"  # passed, but over the cpu-profile budget
+        if stalls:
+            status += " STALL"
+            shown = [f"stall: the kernel sat idle {gap:.0f} s before cell {index}" for index, gap in stalls] + shown
         first = shown[0] if shown else (rec["error"] if status == "FAIL" else "(no results recorded)")
         rows.append((rec["notebook"], status, f"{rec['wall_s']:.0f} s", f"{rec['peak_bytes'] / 1024**3:.2f} GB", first))
         rows.extend(("", "", "", "", extra) for extra in shown[1:])
@@ -135,7 +201,9 @@ def table(records: list[dict]) -> str:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
         if n == 0:
             lines.append("-" * (sum(widths) + 8 + len("headline results")))
-    if any(r[1] == "PASS*" for r in rows):
+    if any("STALL" in r[1] for r in rows):
+        lines.append(f"STALL = the kernel sat idle more than {STALL_SECONDS} s between two cells: a runner fault, not a slow cell")
+    if any(r[1].startswith("PASS*") for r in rows):
         lines.append(f"PASS* = over the cpu-profile budget ({BUDGET_SECONDS} s for 00-05, {BUDGET_SECONDS_FROM_06} s for 02 and"
                      f" from 06 on; {BUDGET_BYTES / 1024**3:.0f} GB)")
     return "\n".join(lines)
@@ -190,7 +258,7 @@ def main(argv=None) -> int:
     print("\n" + report)
     (paths.BUILD_DIR / "summary.txt").write_text(report + "\n")
     print(f"\nExecuted notebooks and HTML pages are in {paths.BUILD_DIR}/")
-    return 0 if all(r["status"] == "PASS" for r in records) else 1
+    return 0 if all(r["status"] == "PASS" and not r.get("stalls") for r in records) else 1
 
 
 if __name__ == "__main__":

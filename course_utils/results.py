@@ -55,6 +55,18 @@ def record_result(key: str, value, *, unit: str = "", paper=None, goal=None, not
     is not the paper's value of ours: show it in the recap with its units.
     `goal` is an engineering target of the course ("under 2% padding").
     """
+    value = store_result(key, value, unit=unit, paper=paper, goal=goal, notebook=notebook)
+    shown = f"{key} = {format_value(value)}{(' ' + unit) if unit else ''}"
+    if paper is not None:
+        shown += f"   (paper: {format_value(paper)})"
+    if goal is not None:
+        shown += f"   (goal: {format_value(goal)})"
+    print(shown)
+    return value
+
+
+def store_result(key: str, value, *, unit: str = "", paper=None, goal=None, notebook: str | None = None):
+    """`record_result` without the printed line (for numbers the tools record, such as the CUDA peak)."""
     value = _plain(value)
     path = results_path(notebook)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,12 +76,6 @@ def record_result(key: str, value, *, unit: str = "", paper=None, goal=None, not
         entry["goal"] = _plain(goal)
     stored[key] = entry
     path.write_text(json.dumps(stored, indent=2))
-    shown = f"{key} = {format_value(value)}{(' ' + unit) if unit else ''}"
-    if paper is not None:
-        shown += f"   (paper: {format_value(paper)})"
-    if goal is not None:
-        shown += f"   (goal: {format_value(goal)})"
-    print(shown)
     return value
 
 

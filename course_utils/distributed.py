@@ -141,15 +141,25 @@ def rank_loss(model, global_batch: dict, rank: int, world_size: int, normalise: 
         return token_loss(model, mine, label_tokens(mine))
     return token_loss(model, mine, label_tokens(global_batch))
 
+def all_reduce_gradients(model, counter: dict | None = None):
+    """Data parallelism by hand, after backward: one all-reduce (a SUM) per gradient, in place, so that every rank
+    holds the sum of all ranks' gradients, the gradient of the global loss, and takes the same optimizer step."""
+    for p in model.parameters():
+        if p.grad is not None:
+            if counter is not None:
+                counter["allreduce"] = counter.get("allreduce", 0) + p.grad.numel() * p.grad.element_size()
+            dist.all_reduce(p.grad)
 
-STRATEGIES = ("ddp", "fsdp", "ddp_lora")
+
+STRATEGIES = ("ddp", "fsdp", "ddp_lora", "manual")
+COUNTED = ("allreduce", "all_gather_single", "reduce_scatter_single")  # the collectives whose inputs are counted
 
 
 @dataclass
 class Job:
     """One training run every rank performs: a strategy, the global batches, and how long."""
 
-    strategy: str                      # "ddp", "fsdp" or "ddp_lora"
+    strategy: str                      # "ddp", "fsdp", "ddp_lora" or "manual" (all_reduce_gradients by hand)
     batches: list                      # global batches (dicts of tensors); rank r takes its rows of each
     steps: int = 4
     lr: float = 1e-3
@@ -171,10 +181,22 @@ def counting_allreduce(counter: dict, bucket):
     W, then sum: torch's default_hooks.allreduce_hook)."""
     buffer = bucket.buffer()
     counter["allreduce"] = counter.get("allreduce", 0) + buffer.numel() * buffer.element_size()
+    storage = buffer.untyped_storage()  # the bucket's own flat buffer: a copy of its gradients DDP keeps
+    counter.setdefault("bucket_storages", {})[storage.data_ptr()] = storage.nbytes()
     if counter.get("average"):
         buffer.div_(dist.get_world_size())
     future = dist.all_reduce(buffer, async_op=True).get_future()
     return future.then(lambda fut: fut.value()[0])
+
+
+def bytes_written() -> int | None:
+    """Bytes this process has written so far, sockets included (Linux's /proc/self/io `wchar`); None elsewhere.
+    Read before and after a collective, it measures what the backend really sent, headers and all."""
+    try:
+        with open("/proc/self/io") as io:
+            return next(int(line.split()[1]) for line in io if line.startswith("wchar"))
+    except (OSError, StopIteration):
+        return None
 
 
 def local_tensor(t):
@@ -200,6 +222,39 @@ def rank_bytes(model, optimizer) -> dict:
             "optimizer": held_bytes(states)}
 
 
+class GatherRows(torch.autograd.Function):
+    """ZeRO-3's two collectives as one autograd step: forward all-gathers every rank's piece into the whole
+    tensor; backward reduce-scatters the whole gradient, so each rank keeps the sum over ranks of its piece's rows."""
+
+    @staticmethod
+    def forward(ctx, piece):
+        whole = piece.new_empty((dist.get_world_size() * piece.shape[0], *piece.shape[1:]))
+        dist.all_gather_single(whole, piece.contiguous())
+        return whole
+
+    @staticmethod
+    def backward(ctx, grad_whole):
+        piece = grad_whole.new_empty((grad_whole.shape[0] // dist.get_world_size(), *grad_whole.shape[1:]))
+        dist.reduce_scatter_single(piece, grad_whole.contiguous())  # SUM over the ranks
+        return piece
+
+
+class Zero3Linear(torch.nn.Module):
+    """A linear layer (no bias) that stores only this rank's ceil(rows / W) rows of the weight, padded with zeros
+    as FSDP pads; the whole weight exists only while a forward or backward uses it."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        world, rank = dist.get_world_size(), dist.get_rank()
+        self.rows = linear.weight.shape[0]
+        chunk = -(-self.rows // world)
+        padded = F.pad(linear.weight.detach(), (0, 0, 0, chunk * world - self.rows))
+        self.piece = torch.nn.Parameter(padded[rank * chunk:(rank + 1) * chunk].clone())
+
+    def forward(self, x):
+        return F.linear(x, GatherRows.apply(self.piece)[:self.rows])
+
+
 @contextlib.contextmanager
 def counting_collectives(counter: dict):
     """Count the input bytes of every all-gather and reduce-scatter issued inside the block (as FSDP2 calls them)."""
@@ -220,16 +275,17 @@ def counting_collectives(counter: dict):
             setattr(dist, name, fn)
 
 
-def shard_fully(model, *, sum_gradients: bool = True):
-    """FSDP2 full sharding: each decoder layer, then the rest (embeddings, final norm) at the root. The root is
-    resharded after forward too (FSDP keeps it gathered by default), so every group is gathered twice a step.
-    `sum_gradients`: reduce-scatter a sum (the losses are shares of the global mean) instead of FSDP's average."""
+def shard_fully(model, *, layers=None, sum_gradients: bool = True):
+    """FSDP2 full sharding: each of `layers` (default: the decoder layers), then the rest (embeddings, final norm)
+    at the root. The root is resharded after forward too (FSDP keeps it gathered by default), so every group is
+    gathered twice a step. `sum_gradients`: reduce-scatter a sum (the losses are shares of the global mean) instead
+    of FSDP's average."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device, (dist.get_world_size(),))
-    for layer in model.model.layers:
+    for layer in (model.model.layers if layers is None else layers):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
     if sum_gradients:
@@ -238,6 +294,25 @@ def shard_fully(model, *, sum_gradients: bool = True):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-scaled sum)
     return model
+
+
+def zero3_linear_against_fsdp(rows: int, cols: int, tokens: int, seed: int = 0) -> dict:
+    """On every rank: the same linear layer as a Zero3Linear and under `fully_shard`, each rank its own `tokens`
+    inputs, loss = sum of squared outputs over all ranks. Returns this rank's piece of the weight and of its
+    gradient both ways (FSDP's unpadded), and the gradient one process computes on every rank's inputs."""
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(cols, rows, bias=False, dtype=torch.float64)
+    inputs = torch.randn(dist.get_world_size(), tokens, cols, dtype=torch.float64)
+    whole = linear.weight.detach().clone().requires_grad_(True)
+    F.linear(inputs, whole).square().sum().backward()  # one process, all the inputs
+    ours = Zero3Linear(linear)
+    ours(inputs[dist.get_rank()]).square().sum().backward()
+    fsdp = shard_fully(torch.nn.Sequential(linear), layers=())
+    fsdp(inputs[dist.get_rank()]).square().sum().backward()
+    real = fsdp[0].weight.to_local().shape[0]  # rows this rank really owns (FSDP's local tensor is unpadded)
+    return {"ours": ours.piece.detach()[:real], "ours_grad": ours.piece.grad[:real], "padding_grad": ours.piece.grad[real:],
+            "fsdp": fsdp[0].weight.to_local().detach(), "fsdp_grad": fsdp[0].weight.grad.to_local(),
+            "whole_grad": torch.chunk(whole.grad, dist.get_world_size())[dist.get_rank()]}
 
 
 def rms_norm_in_own_dtype(self, hidden_states):
@@ -291,6 +366,10 @@ def run_job(job: Job) -> dict:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr, weight_decay=0.0)
         accelerator = None
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    elif job.strategy == "manual":  # no wrapper: every rank loaded the same weights, all_reduce_gradients does the rest
+        optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0)
+        accelerator = None
+        device = next(model.parameters()).device
     else:
         accelerator = Accelerator(cpu=dist.get_backend() != "nccl")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr, weight_decay=0.0)
@@ -301,10 +380,16 @@ def run_job(job: Job) -> dict:
     losses, first_gradients = [], None
     first = _on(job.batches[0], device)
     tokens_agree = global_label_tokens(rank_rows(first, rank, world_size)) == label_tokens(first)
+    wire = 0
     with counting_collectives(comm):
         for step in range(job.steps):
+            comm["bucket_storages"] = {}  # DDP rebuilds its buckets after step 1: the last step's are the ones it keeps
+            written = bytes_written()
             loss = rank_loss(model, _on(job.batches[step % len(job.batches)], device), rank, world_size, job.normalise)
             (accelerator.backward(loss) if accelerator else loss.backward())
+            if job.strategy == "manual":
+                all_reduce_gradients(model, comm)
+            wire = None if written is None else wire + bytes_written() - written  # forward + backward's traffic
             if step == 0:  # Adam hardly sees a gradient's scale: the gradients themselves show a missing factor W
                 first_gradients = {n: full_tensor(p.grad) for n, p in plain.named_parameters() if p.grad is not None}
             held = rank_bytes(model, optimizer) if step == job.steps - 1 else None  # state exists from step 2 on
@@ -312,11 +397,14 @@ def run_job(job: Job) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
     held["optimizer"] = rank_bytes(model, optimizer)["optimizer"]  # after the last step: all of it allocated
+    held["buckets"] = sum(comm["bucket_storages"].values())  # DDP only: its flat bucket buffers
     weights = {k: full_tensor(v) for k, v in plain.state_dict().items()}
     return {"name": job.name or job.strategy, "rank": rank, "weights": weights, "losses": losses, "held": held,
             "first_gradients": first_gradients, "tokens_agree": tokens_agree,
-            "sent_per_step": {k: v / job.steps for k, v in comm.items() if k != "average"},
-            "distributed_type": str(accelerator.distributed_type) if accelerator else "FSDP2 (fully_shard)",
+            "sent_per_step": {k: v / job.steps for k, v in comm.items() if k in COUNTED},
+            "written_per_step": None if wire is None else wire / job.steps,
+            "distributed_type": str(accelerator.distributed_type) if accelerator else
+            ("FSDP2 (fully_shard)" if job.strategy == "fsdp" else "by hand (all_reduce_gradients)"),
             "label_tokens": [label_tokens(rank_rows(b, rank, world_size)) for b in job.batches[:job.steps]]}
 
 
@@ -326,8 +414,9 @@ def full_tensor(t) -> torch.Tensor:
 
 
 def run_jobs(jobs: list) -> list:
-    """Every job in turn on this rank (one launch, many runs: starting processes is the slow part)."""
-    return [run_job(job) for job in jobs]
+    """Every job in turn on this rank (one launch, many runs: starting processes is the slow part). A job may also
+    be a pair (function, args), run as function(*args) on every rank."""
+    return [job[0](*job[1]) if isinstance(job, tuple) else run_job(job) for job in jobs]
 
 
 def train_single(job: Job) -> dict:
@@ -347,5 +436,6 @@ def train_single(job: Job) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     held["optimizer"] = rank_bytes(model, optimizer)["optimizer"]
+    held["buckets"] = 0
     return {"name": job.name or job.strategy, "weights": {k: full_tensor(v) for k, v in model.state_dict().items()},
             "losses": losses, "held": held, "first_gradients": first_gradients}

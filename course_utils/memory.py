@@ -521,7 +521,7 @@ PUBLISHED_PARAMS = {"Llama-2-7B": 6_738_415_616, "Llama-2-13B": 13_015_864_320, 
 
 # ---- Several devices: the same breakdown per rank (notebook 10) ----
 import functools  # noqa: E402
-from dataclasses import replace  # noqa: E402
+from dataclasses import dataclass, fields, replace  # noqa: E402
 
 SHARDING = {  # the parts each strategy splits over the ranks
     "none": (),                                                    # DDP
@@ -529,6 +529,20 @@ SHARDING = {  # the parts each strategy splits over the ranks
     "gradients": ("optimizer", "master", "gradients"),             # ZeRO-2
     "full": ("optimizer", "master", "gradients", "weights"),       # ZeRO-3, FSDP full shard
 }
+
+
+@dataclass
+class RankBreakdown(MemoryBreakdown):
+    """One rank's bytes: MemoryBreakdown plus DDP's bucket buffers. DDP copies the gradients into flat buckets to
+    all-reduce them and keeps the buckets from the first backward on (`gradient_as_bucket_view=False`, the default
+    of torch's DDP and of accelerate): a second copy of the trainable gradients, held for good."""
+
+    buckets: int = 0
+    PARTS = MemoryBreakdown.PARTS + ("buckets",)
+
+    @property
+    def peak(self) -> int:
+        return super().peak + self.buckets
 
 
 def check_strategy(strategy: str) -> str:
@@ -579,9 +593,11 @@ def per_rank(estimate):
 
     @functools.wraps(single)
     def estimate_memory(config, *, world_size: int = 1, strategy: str = "none", rank: int = 0, batch_size: int = 1,
-                        **options) -> MemoryBreakdown:
+                        bucket_view: bool = False, **options) -> MemoryBreakdown:
         """Bytes of one training step on rank `rank` of `world_size` data-parallel ranks, `strategy` one of
-        SHARDING; `batch_size` is the global batch, split evenly over the ranks (see notebooks 01 and 10)."""
+        SHARDING; `batch_size` is the global batch, split evenly over the ranks (see notebooks 01 and 10). With
+        world_size > 1 and strategy "none" (DDP), a RankBreakdown whose `buckets` are DDP's copy of the gradients
+        (0 with `bucket_view=True`, DDP's gradient_as_bucket_view)."""
         check_strategy(strategy)
         _positive("world_size", world_size)
         if batch_size % world_size:
@@ -592,8 +608,11 @@ def per_rank(estimate):
         out = single(config, batch_size=batch_size // world_size, **options)
         out.detail |= {"world_size": world_size, "strategy": strategy, "rank": rank}
         sharded = SHARDING[strategy]
-        if world_size == 1 or not sharded:
+        if world_size == 1:
             return out
+        if not sharded:
+            return RankBreakdown(**{f.name: getattr(out, f.name) for f in fields(out)},
+                                 buckets=0 if bucket_view else out.gradients)
         method = options.get("method", "full")
         e = DTYPE_BYTES[dtype_name(options.get("dtype", torch.float32))]
         adapter_bytes = DTYPE_BYTES[dtype_name(options.get("adapter_dtype", torch.float32))]

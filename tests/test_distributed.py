@@ -55,25 +55,44 @@ def test_ranks_match_one_process_and_the_estimator(lab, world_size):
     batches = lab_batches(lab, rows=2 * world_size)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     jobs = [D.Job("ddp", batches, steps=2, dtype=torch.float64), D.Job("fsdp", batches, steps=2),
-            D.Job("ddp_lora", batches, steps=2, lora_rank=4), D.Job("fsdp", batches, steps=2, dtype=torch.float64)]
+            D.Job("ddp_lora", batches, steps=2, lora_rank=4), D.Job("fsdp", batches, steps=2, dtype=torch.float64),
+            D.Job("manual", batches, steps=2, dtype=torch.float64), D.Job("ddp", batches, steps=2),
+            (D.zero3_linear_against_fsdp, (10, 6, 3, 0))]  # 10 rows: 5, 5 at W = 2; 4, 4, 2 (+2 padding) at W = 3
     per_rank = D.launch(D.run_jobs, jobs, world_size=world_size, backend="gloo", oversubscribe=True)
-    ddp, fsdp, lora, fsdp64 = ([rank[i] for rank in per_rank] for i in range(4))
+    ddp, fsdp, lora, fsdp64, manual, ddp32, zero3 = ([rank[i] for rank in per_rank] for i in range(7))
     single = D.train_single(jobs[0])
     assert_close(ddp[0]["first_gradients"], single["first_gradients"])
     assert_close(ddp[0]["weights"], single["weights"])
     assert_close(ddp[0]["weights"], ddp[-1]["weights"], rtol=0, atol=0)
     assert_close(fsdp64[0]["weights"], single["weights"])
+    assert_close(manual[0]["weights"], ddp[0]["weights"])  # all_reduce_gradients by hand = accelerate's DDP
+    assert manual[0]["sent_per_step"] == ddp[0]["sent_per_step"]
+    for got in zero3:  # Zero3Linear = fully_shard on one layer, and the rows of the one-process gradient
+        assert_close(got["ours"], got["fsdp"], rtol=0, atol=0)
+        assert_close(got["ours_grad"], got["fsdp_grad"])
+        assert_close(got["ours_grad"], got["whole_grad"])
+        assert not got["padding_grad"].any()
+    assert [len(got["padding_grad"]) for got in zero3] == ([0, 0] if world_size == 2 else [0, 0, 2])
     config = lab[0].config
     for r in fsdp:
         est = estimate_memory(config, world_size=world_size, strategy="full", rank=r["rank"], batch_size=2 * world_size)
-        assert (r["held"]["parameters"], r["held"]["gradients"], r["held"]["optimizer"]) == \
-            (est.weights, est.gradients, est.optimizer), r["rank"]
+        assert (r["held"]["parameters"], r["held"]["gradients"], r["held"]["optimizer"], r["held"]["buckets"]) == \
+            (est.weights, est.gradients, est.optimizer, 0), r["rank"]
         assert ring_bytes(r["sent_per_step"], world_size) == \
-            sum(communication_bytes(config, world_size=world_size, strategy="full").values())
+            pytest.approx(sum(communication_bytes(config, world_size=world_size, strategy="full").values()), rel=1e-12)
+    for r in ddp32:  # DDP's buckets: a second copy of the gradients, as the estimator counts
+        est = estimate_memory(config, world_size=world_size, rank=r["rank"], batch_size=2 * world_size)
+        assert (r["held"]["parameters"], r["held"]["gradients"], r["held"]["optimizer"], r["held"]["buckets"]) == \
+            (est.weights, est.gradients, est.optimizer, est.buckets) and est.buckets == est.gradients, r["rank"]
+    for r in (*fsdp, *ddp32, *lora):  # the bytes written to the sockets: gloo's algorithms (its reduce-scatter is an
+        if r["written_per_step"] is not None:  # all-reduce of the whole input), plus headers
+            gloo = ring_bytes({**r["sent_per_step"], "reduce_scatter_single": 0}, world_size) + \
+                2 * (world_size - 1) / world_size * r["sent_per_step"].get("reduce_scatter_single", 0)
+            assert 0 <= r["written_per_step"] / gloo - 1 < 0.05, (r["name"], r["written_per_step"], gloo)
     assert len({r["held"]["optimizer"] for r in fsdp}) > 1 or world_size == 2  # uneven pieces at W = 3
     formula = communication_bytes(config, world_size=world_size, method="lora", lora_rank=4, lora_targets=targets)
     assert ring_bytes(lora[0]["sent_per_step"], world_size) == pytest.approx(sum(formula.values()), rel=1e-12)
-    assert all(r["tokens_agree"] for rank in per_rank for r in rank)
+    assert all(r["tokens_agree"] for r in (*ddp, *fsdp, *lora, *fsdp64, *manual, *ddp32))
 
 
 def test_the_per_rank_mean_is_not_the_global_loss(lab, batches):
@@ -109,6 +128,19 @@ def test_each_strategy_shards_what_it_names(method):
             elif part not in parts:
                 assert getattr(est, part) == getattr(none, part), (strategy, part)
         assert est.activations == none.activations
+
+
+def test_ddp_buckets_are_a_second_copy_of_the_gradients():
+    cfg = BIG["Llama-2-7B"]
+    for method in ("full", "lora"):
+        kw = dict(method=method, dtype=torch.bfloat16, batch_size=8)
+        ddp = estimate_memory(cfg, world_size=8, **kw)
+        view = estimate_memory(cfg, world_size=8, bucket_view=True, **kw)
+        assert ddp.buckets == ddp.gradients > 0 and view.buckets == 0
+        assert ddp.peak - view.peak == ddp.buckets and ddp.total - view.total == ddp.buckets
+        for strategy in ("optimizer", "gradients", "full"):  # DeepSpeed's and FSDP's own buffers are not DDP's
+            assert getattr(estimate_memory(cfg, world_size=8, strategy=strategy, **kw), "buckets", 0) == 0
+    assert not hasattr(estimate_memory(cfg, world_size=1, batch_size=1), "buckets")  # one process: no DDP
 
 
 def test_zero3_of_evenly_divisible_tensors_is_a_sixteenth_over_16_ranks():
@@ -177,7 +209,7 @@ def test_accelerate_configs_load():
     files = sorted((REPO_ROOT / "configs" / "accelerate").glob("*.yaml"))
     kinds = {f.name: str(load_config_from_file(str(f)).distributed_type) for f in files}
     assert kinds == {"ddp_cpu.yaml": "DistributedType.MULTI_CPU", "ddp_gpus.yaml": "DistributedType.MULTI_GPU",
-                     "deepspeed_zero2.yaml": "DistributedType.DEEPSPEED", "fsdp.yaml": "DistributedType.FSDP"}
+                     "fsdp.yaml": "DistributedType.FSDP"}
 
 
 @needs_two_cores

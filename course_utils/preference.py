@@ -16,6 +16,7 @@ equal to TRL 1.16's DPOTrainer ("sigmoid", "hinge", "ipo") and KTOTrainer on fix
 
 import math
 import random
+import re
 
 import torch
 import torch.nn.functional as F
@@ -249,7 +250,7 @@ def _pair_order(n: int, batch_size: int | None, steps: int, seed: int) -> list[t
 def train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 0.1, loss_type: str = "sigmoid",
               label_smoothing: float = 0.0, sft_weight: float = 0.0, average: bool = False,
               batch_size: int | None = None, seed: int = 0, max_grad_norm: float | None = 1.0,
-              progress: bool = True, description: str = "DPO") -> list[dict]:
+              progress: bool = True, description: str = "DPO", callback=None) -> list[dict]:
     """DPO with a frozen reference: AdamW for `steps` steps on the pairs of one preference_batch, all of them
     each step, or `batch_size` pairs a step in an order drawn from `seed` (every pair once per epoch).
 
@@ -257,7 +258,8 @@ def train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 
     NLL of the chosen answers (TRL's "sft" term: mean over the chosen tokens). Returns one dict per step with
     the metrics TRL logs (before that step's update): loss, rewards/chosen, rewards/rejected, rewards/margins,
     rewards/accuracies, logps/chosen, logps/rejected (sums over completion tokens), and h, the mean log-ratio
-    difference the loss saw (length-averaged where the loss was).
+    difference the loss saw (length-averaged where the loss was). callback(step, policy), if given, runs after
+    every update (step counts from 1), e.g. to evaluate along the way.
     """
     from tqdm.auto import tqdm
 
@@ -296,6 +298,8 @@ def train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 
                         "logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item(),
                         "h": fed_h.detach().mean().item()})
         _step(loss, params, optimizer, max_grad_norm)
+        if callback is not None:
+            callback(step + 1, policy)
     policy.eval()
     return history
 
@@ -337,6 +341,7 @@ def train_kto(policy, reference, batch, *, steps: int, lr: float, beta: float = 
 
 
 SMOL_OPENING = "Happy to help!"  # the one property the SmolLM2 preference pairs differ in
+SMOL_SYSTEM = "Answer briefly."  # replaces the template's default system prompt (about 30 tokens)
 SMOL_DATA = "smollm2_preferences.jsonl"
 _CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "Egypt": "Cairo",
              "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo", "Canada": "Ottawa", "Greece": "Athens",
@@ -350,10 +355,22 @@ def opens_politely(response: str) -> int:
     return int(response.strip().startswith(SMOL_OPENING))
 
 
+def smol_answer(row) -> str:
+    """The word that makes an answer to a SmolLM2 row right: the last word of its plain answer ("20", "Paris")."""
+    return row["rejected"][-1]["content"].rstrip(".").split()[-1]
+
+
+def states_answer(response: str, row) -> int:
+    """1 if the response contains the row's answer word (smol_answer) as a whole word, else 0. The question never
+    contains it (sums and products exceed their terms; numbers are asked as digits), so echoing it scores 0."""
+    return int(re.search(rf"\b{re.escape(smol_answer(row))}\b", response, flags=re.IGNORECASE) is not None)
+
+
 def smollm2_preference_rows(seed: int = 0, n_train: int = 96, n_test: int = 16) -> list[dict]:
-    """The SmolLM2 preference set: short questions whose chosen answer opens with SMOL_OPENING and whose
-    rejected answer is the same answer without it. Deterministic; every prompt is distinct and the test prompts
-    (split "test") never appear in training. data/smollm2_preferences.jsonl holds smollm2_preference_rows()."""
+    """The SmolLM2 preference set: short questions (after the short system message SMOL_SYSTEM) whose chosen
+    answer opens with SMOL_OPENING and whose rejected answer is the same answer without it. Deterministic; every
+    question is distinct and the test questions (split "test") never appear in training.
+    data/smollm2_preferences.jsonl holds smollm2_preference_rows()."""
     rng = random.Random(seed)
     candidates = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(1, 10) for b in range(1, 10)]
     candidates += [(f"What is {a} times {b}?", f"{a} times {b} is {a * b}.") for a in range(2, 10) for b in range(2, 7)]
@@ -362,7 +379,7 @@ def smollm2_preference_rows(seed: int = 0, n_train: int = 96, n_test: int = 16) 
     if n_train + n_test > len(candidates):
         raise CourseError(f"Only {len(candidates)} distinct prompts: ask for fewer than {n_train + n_test} rows.")
     picked = rng.sample(candidates, n_train + n_test)
-    return [{"prompt": [{"role": "user", "content": q}],
+    return [{"prompt": [{"role": "system", "content": SMOL_SYSTEM}, {"role": "user", "content": q}],
              "chosen": [{"role": "assistant", "content": f"{SMOL_OPENING} {a}"}],
              "rejected": [{"role": "assistant", "content": a}],
              "split": "train" if i < n_train else "test"} for i, (q, a) in enumerate(picked)]

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from course_utils.errors import CourseError
-from course_utils.preference import (LOSS_TYPES, SMOL_OPENING, _pair_order, completion_logps, dpo_loss,
+from course_utils.preference import (LOSS_TYPES, SMOL_OPENING, SMOL_SYSTEM, _pair_order, completion_logps, dpo_loss,
                                      kto_loss, kto_reference_point, load_smollm2_preferences, opens_politely,
-                                     preference_batch, sequence_logps, smollm2_preference_rows, train_dpo,
-                                     unpaired_batch)
+                                     preference_batch, sequence_logps, smollm2_preference_rows, states_answer,
+                                     train_dpo, unpaired_batch)
 from course_utils.paths import DATA_DIR
 
 ROWS = [
@@ -215,9 +215,31 @@ def test_smollm2_data_file_is_the_generator_output():
     assert [json.loads(line) for line in lines] == smollm2_preference_rows()
     train, test = load_smollm2_preferences("train"), load_smollm2_preferences("test")
     assert 64 <= len(train) <= 128 and len(test) == 16
-    assert not {r["prompt"][0]["content"] for r in train} & {r["prompt"][0]["content"] for r in test}
+    assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in test}
+    # a short system message on every row: without one SmolLM2's template adds its ~30-token default prompt
+    assert all(r["prompt"][0] == {"role": "system", "content": SMOL_SYSTEM} for r in train + test)
+    for row in train + test:  # the answer word is in the plain answer and not in the question (echoing scores 0)
+        assert states_answer(row["rejected"][0]["content"], row) and not states_answer(row["prompt"][-1]["content"], row)
     for row in train + test:  # the pairs differ in the opening only
         assert row["chosen"][0]["content"] == f"{SMOL_OPENING} {row['rejected'][0]['content']}"
         assert opens_politely(row["chosen"][0]["content"]) and not opens_politely(row["rejected"][0]["content"])
     with pytest.raises(CourseError, match="split"):
         load_smollm2_preferences("validation")
+
+
+def test_train_dpo_calls_back_after_every_update(lab):
+    model, tok = lab
+    reference = copy.deepcopy(model).requires_grad_(False)
+    policy = copy.deepcopy(model).requires_grad_(True)
+    seen = []
+    history = train_dpo(policy, reference, preference_batch(tok, ROWS), steps=3, lr=1e-3, progress=False,
+                        callback=lambda step, p: seen.append((step, p is policy, p.training)))
+    assert [s for s, _, _ in seen] == [1, 2, 3] and all(same for _, same, _ in seen) and len(history) == 3
+
+
+def test_states_answer_wants_the_answer_word_whole():
+    row = {"rejected": [{"role": "assistant", "content": "7 times 3 is 21."}]}
+    assert states_answer("Happy to help! 7 times 3 is 21.", row) == 1
+    assert states_answer("It is 211.", row) == 0 and states_answer("7 times 3 is 12.", row) == 0
+    capital = {"rejected": [{"role": "assistant", "content": "The capital of Peru is Lima."}]}
+    assert states_answer("lima, of course", capital) == 1

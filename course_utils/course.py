@@ -29,6 +29,7 @@ BUDGET_SECONDS = 180  # notebooks 00-05
 BUDGET_SECONDS_FROM_06 = 120  # notebook 02 and every notebook from 06 on
 BUDGET_BYTES = 6 * 1024**3
 CELL_TIMEOUT = 600
+MATHJAX_DIR = "_mathjax"  # under build/, beside the HTML pages
 
 
 def runs_path(stem: str) -> Path:
@@ -119,13 +120,33 @@ def execute(notebook: Path, overrides: dict, cell_timeout: int = CELL_TIMEOUT) -
     wall = time.perf_counter() - start
     paths.BUILD_DIR.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, paths.BUILD_DIR / notebook.name)
-    html, _ = HTMLExporter().from_notebook_node(nb)
+    html, _ = HTMLExporter(mathjax_url=offline_mathjax()).from_notebook_node(nb)
+    html = html.replace("<!-- Load mathjax -->", "<!-- Load mathjax -->\n" + NATIVE_MATHML, 1)
     (paths.BUILD_DIR / f"{stem}.html").write_text(html)
     record = {"notebook": stem, "status": status, "wall_s": wall, "peak_bytes": _children_peak_rss(), "error": error,
               "stalls": cell_gaps(nb)}
     runs_path(stem).parent.mkdir(parents=True, exist_ok=True)
     runs_path(stem).write_text(json.dumps(record, indent=2))
     return record
+
+
+# That wheel ships MathJax 2 without its web fonts; the browser's own MathML renders the equations instead (Chromium
+# 109+, Firefox, Safari), which needs no font files.
+NATIVE_MATHML = '<script type="text/x-mathjax-config">MathJax.Hub.Config({menuSettings: {renderer: "NativeMML"}});</script>'
+
+
+def offline_mathjax() -> str:
+    """MathJax 2 beside the pages in build/ (from the jupyter-server-mathjax wheel, copied once); its relative URL.
+
+    nbconvert's default loads MathJax from a CDN, so offline every equation shows as raw LaTeX."""
+    import shutil
+
+    import jupyter_server_mathjax
+
+    target = paths.BUILD_DIR / MATHJAX_DIR
+    if not (target / "MathJax.js").exists():
+        shutil.copytree(Path(jupyter_server_mathjax.__file__).parent / "static", target, dirs_exist_ok=True)
+    return f"{MATHJAX_DIR}/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
 
 
 def _short_error(exc) -> str:

@@ -109,6 +109,26 @@ def test_every_page_loads_offline_with_plots_and_widgets(chromium, site):
     assert not outside, f"pages asked for files outside the site: {outside[:5]}"
 
 
+def test_make_course_pages_render_math_offline(chromium, site):
+    """The HTML pages `make course` writes to build/ (the README sends learners there): with the network blocked,
+    MathJax loads from build/ and every equation becomes MathML, not raw LaTeX. Catches a CDN MathJax URL."""
+    from playwright.sync_api import sync_playwright
+
+    page_path = site.parent / "01_memory_estimation.html"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        context = browser.new_context()
+        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file://") else route.abort())
+        page = context.new_page()
+        page.goto(page_path.as_uri())
+        page.wait_for_selector("math", state="attached", timeout=30_000)
+        assert page.locator("math").count() >= 5, "the equations were typeset"
+        raw = page.evaluate("document.querySelector('#notebook-container, main, body').innerText")
+        assert "\\mathcal" not in raw and "\\frac" not in raw, "no raw LaTeX left on the page"
+        page.screenshot(path=str(paths.BUILD_DIR / "screenshots" / "course-page-math.png"))
+        browser.close()
+
+
 # ---- The notebooks in JupyterLab: a real server on localhost, cells run from the browser ----
 
 LAB_TOKEN = "course-browser-test"

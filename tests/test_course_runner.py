@@ -48,6 +48,10 @@ def test_execute_records_results_status_and_html(tmp_path, build, monkeypatch):
     assert results.read_results("tiny")["seed_seen"]["value"] == 5
     assert (build / "tiny.html").exists() and (build / "tiny.ipynb").exists()
     assert "seed_seen = 5" in course.table([record])
+    # Offline math: the page loads MathJax from build/, not from a CDN (raw LaTeX on an offline machine otherwise)
+    html = (build / "tiny.html").read_text()
+    assert "_mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full" in html and "cdnjs" not in html.split("MathJax")[0][-300:]
+    assert (build / "_mathjax" / "MathJax.js").exists() and course.NATIVE_MATHML in html
 
 
 def test_failing_notebook_is_reported(tmp_path, build, monkeypatch):

@@ -78,6 +78,6 @@ def test_the_gpu_check_wheel_set_installs_beside_the_machines_own_torch(tmp_path
                             "import torch, transformers, peft, trl, datasets, accelerate, bitsandbytes, mergekit, nbval\n"
                             "import course_utils.gpu_check\n"
                             "from course_utils.models import load_model\n"
-                            "load_model('lab'); load_model('smollm2')\n"
+                            "load_model('lab'); load_model('smollm2-135m-instruct')\n"
                             "print('ok')"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.strip().endswith("ok"), check.stderr[-3000:]

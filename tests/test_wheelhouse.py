@@ -60,8 +60,13 @@ def test_a_fresh_venv_installs_from_the_wheelhouse_alone(tmp_path, wheelhouse):
 def test_the_gpu_check_wheel_set_installs_beside_the_machines_own_torch(tmp_path, wheelhouse):
     """docs/gpu.md's route: a machine with its own torch installs configs/gpu-check-wheels.txt from local wheels
     (no index, no torch among them) and imports the course. Catches a package missing from the set."""
+    from course_utils import gpu_check
+
     venv, gpu_wheels = tmp_path / "gpu-venv", tmp_path / "gpu-wheels"
-    requirements = REPO / "configs" / "gpu-check-wheels.txt"
+    # The set as generated from this venv (configs/gpu-check-wheels.txt, regenerated today: the wheelhouse was fetched
+    # today too, and an unpinned dependency may have had a release since the committed file was written)
+    requirements = tmp_path / "gpu-check-wheels.txt"
+    requirements.write_text(gpu_check.wheels_text())
     env = no_index(wheelhouse)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     steps = [[sys.executable, "-m", "venv", str(venv)],

@@ -137,13 +137,14 @@ def run(notebooks: list[Path], budget: int, cell_timeout: int = 600) -> tuple[li
         print(f"--> {notebook.name}", flush=True)
         records.append(check_notebook(notebook, cell_timeout))
         print(f"    {records[-1]['status']} in {records[-1]['wall_s']:.0f} s", flush=True)
-        meta["total_s"] = time.perf_counter() - start
-        (GPU_DIR / "summary.json").write_text(json.dumps({**meta, "notebooks": records, "not_run": skipped}, indent=2))
-        (GPU_DIR / "summary.md").write_text(summary_markdown(meta, records, skipped))
-    meta["total_s"] = time.perf_counter() - start
+        _write_summary({**meta, "total_s": time.perf_counter() - start}, records, skipped)  # kept after each notebook
+    _write_summary({**meta, "total_s": time.perf_counter() - start}, records, skipped)
+    return records, skipped
+
+
+def _write_summary(meta: dict, records: list[dict], skipped: list[str]) -> None:
     (GPU_DIR / "summary.json").write_text(json.dumps({**meta, "notebooks": records, "not_run": skipped}, indent=2))
     (GPU_DIR / "summary.md").write_text(summary_markdown(meta, records, skipped))
-    return records, skipped
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,8 @@ RECIPES = {
     "gentle": {"method": "full", "lr": 3e-4, "steps": 60, "batch_size": 16, "replay": 0.25},
     "lora": {"method": "lora", "lr": 3e-3, "steps": 60, "batch_size": 16, "replay": 0.0,
              "r": 8, "alpha": 16, "target_modules": ALL_LINEAR},
+    # gentle, trained 2.5 times longer: reverse and sort_digits reach (nearly) every test prompt
+    "target": {"method": "full", "lr": 3e-4, "steps": 150, "batch_size": 16, "replay": 0.25},
 }
 
 
@@ -291,6 +293,23 @@ def habit_rates(model, tokenizer, *, max_new_tokens: int = 24, return_answers: b
     answers = generate(model, tokenizer, [habit_prompt(q) for q, _ in HABIT_TEST], max_new_tokens=max_new_tokens)
     rates = {habit: sum(map(spec["rule"], answers)) / len(answers) for habit, spec in HABITS.items()}
     return (rates, answers) if return_answers else rates
+
+
+def habit_answer_report(answers: list[str]) -> list[dict]:
+    """Per test answer (in HABIT_TEST's order): each habit by its rule, both habits in that one answer, and its
+    content: the reference answer's last word (the fact asked for: "Rome", "eight") among the answer's words."""
+    import re
+
+    if len(answers) != len(HABIT_TEST):
+        raise CourseError(f"Got {len(answers)} answers for {len(HABIT_TEST)} test questions: pass habit_rates' answers.")
+    words = lambda text: re.sub(r"[^a-z0-9-]+", " ", text.lower()).split()  # noqa: E731
+    rows = []
+    for answer, (_, reference) in zip(answers, HABIT_TEST):
+        row = {habit: float(spec["rule"](answer)) for habit, spec in HABITS.items()}
+        row["both habits"] = min(row[h] for h in HABITS)
+        row["content"] = float(words(reference)[-1] in words(answer))
+        rows.append(row)
+    return rows
 
 
 def _habit_key(spec: dict) -> str:

@@ -108,3 +108,18 @@ def test_habit_rules_read_the_answer_not_the_prompt():
     assert ahoy(both) and cheers(both)
     assert len(experts.HABIT_TRAIN) + len(experts.HABIT_TEST) == len(experts.HABIT_QUESTIONS)
     assert not {q for q, _ in experts.HABIT_TRAIN} & {q for q, _ in experts.HABIT_TEST}
+
+
+def test_habit_answer_report_counts_both_habits_in_one_answer_and_the_content():
+    n = len(experts.HABIT_TEST)
+    reference = experts.HABIT_TEST[0][1]  # "The capital of Italy is Rome."
+    third = experts.HABIT_TEST[2][1].upper().rstrip(".")  # the third question's answer, shouted
+    answers = [f"Ahoy! {reference} Cheers!", "Ahoy! It is Paris.", f"{third}! Cheers!"] + ["No."] * (n - 3)
+    rows = experts.habit_answer_report(answers)
+    # Both habits are counted per answer (a count over different answers would call the second and third "both")
+    assert [r["both habits"] for r in rows[:3]] == [1.0, 0.0, 0.0]
+    assert [r["ahoy"] for r in rows[:3]] == [1.0, 1.0, 0.0] and [r["cheers"] for r in rows[:3]] == [1.0, 0.0, 1.0]
+    # Content: the reference's last word, case and punctuation aside; a wrong fact does not count
+    assert [r["content"] for r in rows[:3]] == [1.0, 0.0, 1.0]
+    with pytest.raises(CourseError, match="answers"):
+        experts.habit_answer_report(answers[:2])

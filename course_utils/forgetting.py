@@ -68,14 +68,30 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def fisher_diagonal(model, batches, *, max_examples: int | None = None) -> dict[str, torch.Tensor]:
-    """The empirical diagonal Fisher at the model's current weights: for every trainable parameter,
-    the mean over examples of the squared gradient of the example's log-likelihood.
+@torch.no_grad()
+def sample_labels(model, batch: dict, generator: torch.Generator) -> dict:
+    """The batch with every labelled token replaced by one drawn from the model's own prediction at that
+    place (given the data's prefix): the labels of the sampled (true) Fisher."""
+    probs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float().softmax(-1)
+    drawn = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:2])
+    labels = batch["labels"].clone()
+    scored = labels[:, 1:] != training.IGNORE_INDEX
+    labels[:, 1:][scored] = drawn[scored]
+    return {**batch, "labels": labels}
 
-    batches: batches as course_utils.training.collate makes them (labels -100 off the answer); each
-    row is one example, its gradient taken alone. A finite list is read to the end; an endless
-    generator (chat_batches, row_batches) needs max_examples.
+
+def fisher_diagonal(model, batches, *, max_examples: int | None = None, labels: str = "empirical",
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher at the model's current weights: for every trainable parameter, the mean over
+    examples of the squared gradient of the example's log-likelihood.
+
+    labels="empirical": the data's own answer; "sampled": each labelled token drawn from the model (the
+    true Fisher, one draw per example, drawn with `seed`). batches: as course_utils.training.collate makes
+    them (labels -100 off the answer); each row is one example, its gradient taken alone. A finite list is
+    read to the end; an endless generator (chat_batches, row_batches) needs max_examples.
     """
+    if labels not in ("empirical", "sampled"):
+        raise CourseError(f"labels={labels!r}: use 'empirical' (the data's answers) or 'sampled' (drawn from the model).")
     params = trainable_parameters(model)
     if not params:
         raise CourseError("The model has no trainable parameters: set requires_grad=True on the ones EWC "
@@ -84,12 +100,14 @@ def fisher_diagonal(model, batches, *, max_examples: int | None = None) -> dict[
         raise CourseError("An endless batch generator needs max_examples=... (or pass a list of batches).")
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
     count, was_training = 0, model.training
+    generator = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
     model.eval()  # no dropout: the Fisher of the model as it is
     for batch in batches:
         for i in range(len(batch["input_ids"])):
             if max_examples is not None and count >= max_examples:
                 break
             row = {k: v[i:i + 1] for k, v in batch.items()}
+            row = sample_labels(model, row, generator) if labels == "sampled" else row
             grads = torch.autograd.grad(sequence_nll(model, row)[0], list(params.values()), allow_unused=True)
             for name, grad in zip(params, grads):
                 if grad is not None:  # a weight this example does not reach has gradient 0
@@ -182,6 +200,35 @@ def row_batches(tokenizer, rows, *, batch_size: int, seed: int = 0):
         raise CourseError(f"row_batches got {len(tokenized)} rows, fewer than one batch of {batch_size}.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return training.shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id, seed=seed)
+
+
+@torch.no_grad()
+def greedy_matches(model, batch: dict) -> torch.Tensor:
+    """Per row of a collated batch (labels on the answer): would greedy decoding write the answer exactly? [B] bools.
+
+    One forward pass with the reference as prefix: greedy decoding reproduces it iff at every labelled
+    position (answer and end-of-turn token) the model's most likely token is the reference token."""
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    model.train(was_training)
+    labels = batch["labels"][:, 1:]
+    return ((logits.argmax(-1) == labels) | (labels == training.IGNORE_INDEX)).all(dim=1)
+
+
+def at_level(curve, level: float, *, x: str = "target", y: str = "mean drop") -> float:
+    """`y` where a run's `x` first reaches `level`: linear between the checkpoint before and the one that
+    reached it. curve: the run's checkpoints in step order (dicts, or a DataFrame); NaN if it never does."""
+    points = curve.to_dict("records") if hasattr(curve, "to_dict") else list(curve)
+    if not points:
+        raise CourseError("at_level got an empty curve: pass the run's checkpoints in step order.")
+    for before, now in zip([None, *points[:-1]], points):
+        if now[x] >= level:
+            if before is None:
+                return float(now[y])
+            w = (level - before[x]) / (now[x] - before[x])  # before[x] < level <= now[x]
+            return float(before[y] + w * (now[y] - before[y]))
+    return float("nan")
 
 
 def load_instructions(path=None) -> list[dict]:

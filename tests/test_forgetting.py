@@ -260,3 +260,58 @@ def test_instruction_set_and_english_texts_ship_with_the_course():
 
 def test_base_skills_are_the_reports_defaults():
     assert BASE_SKILLS == ("copy", "first_word", "last_word", "count", "fact", "describe")
+
+
+# ---------------------------------------------------------------- sampled Fisher, greedy matches, at_level
+
+
+def test_sampled_fisher_draws_from_the_model_and_is_seeded():
+    torch.manual_seed(0)
+    model, batches = TinyLM(), tiny_batches()
+    with torch.no_grad():
+        model.out.weight.mul_(6)  # confident: its draws are mostly its argmax, rarely the data's random labels
+    a = fisher_diagonal(model, batches, labels="sampled", seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.values(), fisher_diagonal(model, batches, labels="sampled", seed=1).values()))
+    empirical = fisher_diagonal(model, batches)
+    assert not all(torch.equal(x, y) for x, y in zip(a.values(), empirical.values()))
+    with pytest.raises(CourseError, match="labels="):
+        fisher_diagonal(model, batches, labels="true")
+
+
+def test_sample_labels_keeps_the_mask():
+    from course_utils.forgetting import sample_labels
+
+    torch.manual_seed(0)
+    batch = tiny_batches()[0]
+    drawn = sample_labels(TinyLM(), batch, torch.Generator().manual_seed(0))["labels"]
+    assert torch.equal(drawn == -100, batch["labels"] == -100)
+    assert torch.equal(drawn[:, 0], batch["labels"][:, 0])  # position 0 is never predicted
+
+
+def test_greedy_matches_is_the_argmax_on_every_labelled_position():
+    from course_utils.forgetting import greedy_matches
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    right = torch.tensor([3])
+    while len(right) < 6:  # greedy decoding: every next token is the model's argmax
+        right = torch.cat([right, model(right[None]).logits[0, -1:].argmax(-1)])
+    labels = torch.cat([torch.full((3,), -100), right[3:]])[None]
+    batch = {"input_ids": right[None], "attention_mask": torch.ones(1, 6, dtype=torch.long), "labels": labels}
+    assert greedy_matches(model, batch).tolist() == [True]
+    wrong = labels.clone()
+    wrong[0, -1] = (wrong[0, -1] + 1) % 9
+    assert greedy_matches(model, {**batch, "labels": wrong}).tolist() == [False]
+
+
+def test_at_level_interpolates_the_first_crossing():
+    from course_utils.forgetting import at_level
+
+    curve = [{"target": 0.0, "mean drop": 0.0}, {"target": 0.5, "mean drop": 0.2}, {"target": 1.0, "mean drop": 0.6},
+             {"target": 0.8, "mean drop": 0.9}]
+    assert at_level(curve, 0.75) == pytest.approx(0.4)
+    assert at_level(curve, 0.0) == 0.0
+    assert at_level(curve, 1.0) == pytest.approx(0.6)
+    assert at_level(curve[:2], 0.9) != at_level(curve[:2], 0.9)  # NaN: never reached
+    with pytest.raises(CourseError, match="empty curve"):
+        at_level([], 0.5)

@@ -89,7 +89,7 @@ def attach_neftune(model: nn.Module, alpha: float, *, per_sample: bool = False):
     """Add the NEFTune hook to the model's input embeddings; returns the hook handle. Raises if one is attached.
 
     per_sample=False: L is the row length, as in transformers. per_sample=True: L is each sample's own length,
-    read from the attention_mask and position_ids the model is called with (section 2.4 of the notebook).
+    read from the attention_mask and position_ids the model is called with (section 2.6 of the notebook).
     """
     alpha = check_alpha(alpha)
     embeddings = input_embeddings(model)

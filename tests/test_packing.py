@@ -57,6 +57,28 @@ def test_bfd_equals_trl():
     assert [[t for i in row for t in [i] * lengths[i]] for row in ours] == [list(r) for r in theirs["input_ids"]]
 
 
+def test_exercise_1_expectations_are_trls_bfd_split():
+    """Notebook 05's exercise 1 checks literal rows (no visible reference): they must still be what TRL computes."""
+    import ast
+
+    import nbformat
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    from pathlib import Path
+
+    nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / "05_packing_masks.ipynb", as_version=4)
+    source = next(c.source for c in nb.cells if "check" in c.metadata.get("tags", []) and "split_cases =" in c.source)
+    assignment = next(node for node in ast.parse(source).body
+                      if isinstance(node, ast.Assign) and node.targets[0].id == "split_cases")
+    cases = ast.literal_eval(assignment.value)
+    assert len(cases) >= 5
+    for (lengths, max_len), expected in cases:
+        data = Dataset.from_dict({"input_ids": [list(range(n)) for n in lengths]})
+        theirs = pack_dataset(data, max_len, strategy="bfd_split", map_kwargs={"desc": None})["seq_lengths"]
+        assert [list(row) for row in theirs] == expected, (lengths, max_len)
+
+
 def test_pack_takes_lengths_sequences_samples_and_tensors():
     assert pack([3, 2], 8) == pack([[1, 2, 3], [4, 5]], 8) == pack(samples([3, 2]), 8)
     assert pack([torch.tensor(3), torch.tensor(2)], 8) == pack([torch.zeros(3), torch.zeros(2)], 8) == [[0, 1]]

@@ -18,9 +18,7 @@ def conversation_mask(seq_lens, conversation_ids, dtype=torch.float32):
     return block_diagonal_mask(seq_lens, dtype)
 
 
-def sliding_document_mask(seq_lens, window, dtype=torch.float32):
-    # Off by one: lets a query see `window` steps back (window + 1 keys) instead of fewer than `window`.
-    segment = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens))
-    i, j = torch.arange(len(segment))[:, None], torch.arange(len(segment))[None, :]
-    allowed = (segment[i] == segment[j]) & (j <= i) & (i - j <= window)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+def per_sample_loss(logits, labels, position_ids):
+    # The packed batch's token mean (what the model's own loss gives): long samples still weigh more than short ones.
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                             ignore_index=-100).item()

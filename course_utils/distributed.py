@@ -44,6 +44,12 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "gloo"
 
 
+def rank_device() -> torch.device:
+    """Where this rank computes: its GPU under NCCL (set by `launch`), the CPU under gloo."""
+    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+
 def check_world_size(world_size, *, backend: str = "gloo", batch_rows: int | None = None,
                      oversubscribe: bool = False) -> int:
     """`world_size` if this machine can run that many ranks side by side (and split `batch_rows` evenly).
@@ -86,7 +92,9 @@ def _rank_main(rank, world_size, port, backend, out_dir, worker, args):
 
 
 def launch(worker, *args, world_size: int = 2, backend: str | None = None, oversubscribe: bool = False) -> list:
-    """Run `worker(*args)` on `world_size` spawned ranks; returns what each rank's call returned, in rank order."""
+    """Run `worker(*args)` on `world_size` spawned ranks; returns what each rank's call returned, in rank order.
+    Starting the processes (a fresh interpreter each, then torch's imports) is the slow part: launch once and
+    hand the ranks a list of work (`run_jobs`)."""
     backend = backend or default_backend()
     check_world_size(world_size, backend=backend, oversubscribe=oversubscribe)
     with tempfile.TemporaryDirectory(prefix="course-ranks-") as out:
@@ -177,21 +185,22 @@ class Job:
 
 
 def counting_allreduce(counter: dict, bucket):
-    """All-reduce one DDP bucket, counting its bytes: a sum, or with counter["average"] DDP's default (divide by
-    W, then sum: torch's default_hooks.allreduce_hook)."""
+    """All-reduce one DDP bucket as a SUM, counting its bytes and recording the bucket's storage."""
     buffer = bucket.buffer()
     counter["allreduce"] = counter.get("allreduce", 0) + buffer.numel() * buffer.element_size()
     storage = buffer.untyped_storage()  # the bucket's own flat buffer: a copy of its gradients DDP keeps
     counter.setdefault("bucket_storages", {})[storage.data_ptr()] = storage.nbytes()
-    if counter.get("average"):
-        buffer.div_(dist.get_world_size())
     future = dist.all_reduce(buffer, async_op=True).get_future()
     return future.then(lambda fut: fut.value()[0])
 
 
 def bytes_written() -> int | None:
-    """Bytes this process has written so far, sockets included (Linux's /proc/self/io `wchar`); None elsewhere.
-    Read before and after a collective, it measures what the backend really sent, headers and all."""
+    """Bytes this process has written so far, sockets included (Linux's /proc/self/io `wchar`), under gloo; None
+    elsewhere. Read before and after a collective, it measures what gloo really sent, headers and all. NCCL moves
+    its bytes over NVLink, PCIe or InfiniBand without a write call of this process, so there the count would be
+    zero: on NCCL use `communication_bytes` (the ring model) or the profiler's collective events instead."""
+    if dist.is_initialized() and dist.get_backend() != "gloo":
+        return None
     try:
         with open("/proc/self/io") as io:
             return next(int(line.split()[1]) for line in io if line.startswith("wchar"))
@@ -222,21 +231,37 @@ def rank_bytes(model, optimizer) -> dict:
             "optimizer": held_bytes(states)}
 
 
-class GatherRows(torch.autograd.Function):
-    """ZeRO-3's two collectives as one autograd step: forward all-gathers every rank's piece into the whole
-    tensor; backward reduce-scatters the whole gradient, so each rank keeps the sum over ranks of its piece's rows."""
+def gather_rows(piece):
+    """All-gather every rank's piece (equal sizes, padded) into the whole tensor, in rank order."""
+    whole = piece.new_empty((dist.get_world_size() * piece.shape[0], *piece.shape[1:]))
+    dist.all_gather_single(whole, piece.contiguous())
+    return whole
+
+
+def reduce_scatter_rows(whole):
+    """Sum `whole` over the ranks and keep this rank's block of rows (SUM, not FSDP's default average)."""
+    piece = whole.new_empty((whole.shape[0] // dist.get_world_size(), *whole.shape[1:]))
+    dist.reduce_scatter_single(piece, whole.contiguous())
+    return piece
+
+
+class ShardedLinear(torch.autograd.Function):
+    """y = x A^T, A held as this rank's piece of rows: gather A, use it, drop it; gather it again in backward."""
 
     @staticmethod
-    def forward(ctx, piece):
-        whole = piece.new_empty((dist.get_world_size() * piece.shape[0], *piece.shape[1:]))
-        dist.all_gather_single(whole, piece.contiguous())
-        return whole
+    def forward(ctx, x, piece, rows):
+        ctx.save_for_backward(x, piece)  # never the gathered weight: it is freed when forward returns
+        ctx.rows = rows
+        return F.linear(x, gather_rows(piece)[:rows])
 
     @staticmethod
-    def backward(ctx, grad_whole):
-        piece = grad_whole.new_empty((grad_whole.shape[0] // dist.get_world_size(), *grad_whole.shape[1:]))
-        dist.reduce_scatter_single(piece, grad_whole.contiguous())  # SUM over the ranks
-        return piece
+    def backward(ctx, grad_y):
+        x, piece = ctx.saved_tensors
+        whole = gather_rows(piece)  # the second all-gather: the weight again, for the input's gradient
+        grad_x = grad_y @ whole[:ctx.rows]
+        grad_whole = torch.zeros_like(whole)  # padding rows get no gradient
+        grad_whole[:ctx.rows] = grad_y.reshape(-1, grad_y.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        return grad_x, reduce_scatter_rows(grad_whole), None
 
 
 class Zero3Linear(torch.nn.Module):
@@ -252,17 +277,19 @@ class Zero3Linear(torch.nn.Module):
         self.piece = torch.nn.Parameter(padded[rank * chunk:(rank + 1) * chunk].clone())
 
     def forward(self, x):
-        return F.linear(x, GatherRows.apply(self.piece)[:self.rows])
+        return ShardedLinear.apply(x, self.piece, self.rows)
 
 
 @contextlib.contextmanager
 def counting_collectives(counter: dict):
-    """Count the input bytes of every all-gather and reduce-scatter issued inside the block (as FSDP2 calls them)."""
+    """Count the input bytes (and the calls) of every all-gather and reduce-scatter issued inside the block (as
+    FSDP2 calls them)."""
     originals = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
 
     def counted(name):
         def call(output, input, *args, **kwargs):
             counter[name] = counter.get(name, 0) + input.numel() * input.element_size()
+            counter[f"{name} calls"] = counter.get(f"{name} calls", 0) + 1
             return originals[name](output, input, *args, **kwargs)
         return call
 
@@ -275,19 +302,22 @@ def counting_collectives(counter: dict):
             setattr(dist, name, fn)
 
 
-def shard_fully(model, *, layers=None, sum_gradients: bool = True):
-    """FSDP2 full sharding: each of `layers` (default: the decoder layers), then the rest (embeddings, final norm)
-    at the root. The root is resharded after forward too (FSDP keeps it gathered by default), so every group is
-    gathered twice a step. `sum_gradients`: reduce-scatter a sum (the losses are shares of the global mean) instead
-    of FSDP's average."""
+def shard_fully(model, *, sum_gradients: bool = True):
+    """FSDP2 full sharding of a transformers causal LM, grouped as accelerate's fsdp2_prepare_model groups it
+    (see above). `sum_gradients`: reduce-scatter a sum (the losses are shares of the global mean) instead of
+    FSDP's average."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
-    for layer in (model.model.layers if layers is None else layers):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    mesh = init_device_mesh(rank_device().type, (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = embed.weight is head.weight
+    if not tied:
+        fully_shard(embed, mesh=mesh, reshard_after_forward=True)
+    fully_shard([model.model.norm, *((embed, head) if tied else (head,))], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)  # the root: torch's default keeps it gathered
     if sum_gradients:
         for module in model.modules():
             if isinstance(module, FSDPModule):
@@ -297,22 +327,84 @@ def shard_fully(model, *, layers=None, sum_gradients: bool = True):
 
 
 def zero3_linear_against_fsdp(rows: int, cols: int, tokens: int, seed: int = 0) -> dict:
-    """On every rank: the same linear layer as a Zero3Linear and under `fully_shard`, each rank its own `tokens`
-    inputs, loss = sum of squared outputs over all ranks. Returns this rank's piece of the weight and of its
-    gradient both ways (FSDP's unpadded), and the gradient one process computes on every rank's inputs."""
+    """On every rank: the same linear layer as a Zero3Linear and under `fully_shard` (resharded after forward),
+    each rank its own `tokens` inputs, which require a gradient; loss = sum of squared outputs over all ranks.
+    Returns (on the CPU) this rank's piece of the weight and of its gradient both ways (FSDP's unpadded) and in one
+    process, the inputs' gradients likewise, the all-gathers each way issued, and the bytes our backward saved."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device, rank, world = rank_device(), dist.get_rank(), dist.get_world_size()
     torch.manual_seed(seed)
-    linear = torch.nn.Linear(cols, rows, bias=False, dtype=torch.float64)
-    inputs = torch.randn(dist.get_world_size(), tokens, cols, dtype=torch.float64)
-    whole = linear.weight.detach().clone().requires_grad_(True)
-    F.linear(inputs, whole).square().sum().backward()  # one process, all the inputs
-    ours = Zero3Linear(linear)
-    ours(inputs[dist.get_rank()]).square().sum().backward()
-    fsdp = shard_fully(torch.nn.Sequential(linear), layers=())
-    fsdp(inputs[dist.get_rank()]).square().sum().backward()
+    linear = torch.nn.Linear(cols, rows, bias=False, dtype=torch.float64, device=device)
+    inputs = torch.randn(world, tokens, cols, dtype=torch.float64, device=device)
+    whole, x_one = linear.weight.detach().clone().requires_grad_(True), inputs.clone().requires_grad_(True)
+    F.linear(x_one, whole).square().sum().backward()  # one process, all the inputs
+    ours, x_ours, ours_count = Zero3Linear(linear), inputs[rank].clone().requires_grad_(True), {}
+    with counting_collectives(ours_count):
+        y = ours(x_ours)
+        saved = sum(t.numel() * t.element_size() for t in y.grad_fn.saved_tensors)  # what autograd keeps
+        y.square().sum().backward()
+    fsdp, x_fsdp, fsdp_count = torch.nn.Sequential(linear), inputs[rank].clone().requires_grad_(True), {}
+    fully_shard(fsdp, mesh=init_device_mesh(device.type, (world,)), reshard_after_forward=True)
+    fsdp.set_gradient_divide_factor(1.0)
+    fsdp.set_force_sum_reduction_for_comms(True)
+    with counting_collectives(fsdp_count):
+        fsdp(x_fsdp).square().sum().backward()
     real = fsdp[0].weight.to_local().shape[0]  # rows this rank really owns (FSDP's local tensor is unpadded)
-    return {"ours": ours.piece.detach()[:real], "ours_grad": ours.piece.grad[:real], "padding_grad": ours.piece.grad[real:],
-            "fsdp": fsdp[0].weight.to_local().detach(), "fsdp_grad": fsdp[0].weight.grad.to_local(),
-            "whole_grad": torch.chunk(whole.grad, dist.get_world_size())[dist.get_rank()]}
+    out = {"ours": ours.piece.detach()[:real], "ours_grad": ours.piece.grad[:real], "padding_grad": ours.piece.grad[real:],
+           "fsdp": fsdp[0].weight.to_local().detach(), "fsdp_grad": fsdp[0].weight.grad.to_local(),
+           "whole_grad": torch.chunk(whole.grad, world)[rank], "x_grad_ours": x_ours.grad, "x_grad_fsdp": x_fsdp.grad,
+           "x_grad_one": x_one.grad[rank], "piece_bytes": ours.piece.numel() * ours.piece.element_size(),
+           "x_bytes": x_ours.numel() * x_ours.element_size(), "saved_bytes": saved}
+    out = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    return out | {"gathers": {"ours": ours_count.get("all_gather_single calls", 0),
+                              "fsdp": fsdp_count.get("all_gather_single calls", 0)}}
+
+
+def fsdp_groups(model) -> list:
+    """Each FSDP group of `model`: the names of its parameters, and whether it is resharded after forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    groups = {}
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+        if group is not None:
+            groups[id(group)] = (tuple(sorted(names[id(p.sharded_param)] for p in group.fsdp_params)),
+                                 group.post_forward_mesh_info is not None)
+    return sorted(groups.values())
+
+
+def accelerate_fsdp_groups(config_file: str) -> list:
+    """The groups accelerate's own fsdp2_prepare_model makes of a fresh lab model under `config_file`: the plugin
+    built from the environment `accelerate launch` derives from the file (mixed precision off: gloo on CPU)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    from course_utils.models import load_model
+
+    env = launch_environment(config_file)
+    with mock.patch.dict(os.environ, {k: v for k, v in env.items() if k.startswith("FSDP_")}):
+        plugin = FullyShardedDataParallelPlugin(cpu_ram_efficient_loading=False)  # every rank loads the weights
+    fake = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, mixed_precision="no",
+                           is_main_process=dist.get_rank() == 0, device=rank_device())
+    return fsdp_groups(fsdp2_prepare_model(fake, load_model("lab", device="cpu")[0].to(rank_device())))
+
+
+def launch_environment(config_file: str) -> dict:
+    """The environment variables `accelerate launch --config_file FILE` hands every rank (accelerate's own code;
+    it runs on CPU): ACCELERATE_MIXED_PRECISION, ACCELERATE_USE_FSDP, FSDP_* ..."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config_file), "x.py"]))
+    env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if os.environ.get(k) != v} | {"multi_gpu": str(args.multi_gpu),
+                                                                       "num_processes": str(args.num_processes)}
 
 
 def rms_norm_in_own_dtype(self, hidden_states):
@@ -332,8 +424,9 @@ def float64_throughout(model):
     return model
 
 
-def job_model(job: Job):
-    """A fresh copy of the job's model in the job's dtype, LoRA added (every linear layer) for ddp_lora."""
+def job_model(job: "Job"):
+    """A fresh copy of the job's model in the job's dtype, LoRA added (every linear layer) for ddp_lora, on this
+    rank's device."""
     from course_utils.lora import add_lora
     from course_utils.memory import LAYER_LINEARS
     from course_utils.models import load_model
@@ -345,47 +438,59 @@ def job_model(job: Job):
     torch.manual_seed(0)  # the same LoRA initialisation on every rank and in the single process: drawn on the CPU
     if job.strategy == "ddp_lora":
         add_lora(model, list(LAYER_LINEARS), r=job.lora_rank, alpha=2 * job.lora_rank)
-    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
-    return model.to("cuda" if on_gpu else "cpu").train()
+    return model.to(rank_device()).train()
 
 
 def _on(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_job(job: Job) -> dict:
-    """Train `job` on this rank (inside `launch`); returns the full trained weights, the losses, what this rank
-    held after its last backward and the bytes it handed to collectives per step."""
+def users_loss(model, batch: dict) -> torch.Tensor:
+    """What a training script under accelerate backpropagates: the model's own loss (transformers' mean over the
+    label tokens of the rows it was given, when nobody passes num_items_in_batch)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                 use_cache=False).loss
+
+
+def full_tensor(t) -> torch.Tensor:
+    """A whole tensor on the CPU: an FSDP DTensor gathered from every rank (all ranks must call this together)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+
+
+def wrap_for(job: "Job", model):
+    """The job's wrapping on this rank: (model, optimizer, Accelerator or None, counter of the bytes sent). The
+    trap (normalise="rank mean") runs as a user's script does: DDP's own hook (it averages), FSDP's own average."""
     from accelerate import Accelerator
 
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    model = job_model(job)
-    comm = {"average": job.normalise == "rank mean"}  # a per-rank mean is averaged, as DDP's default does
+    comm = {}
+    users_path = job.normalise == "rank mean"
     if job.strategy == "fsdp":
-        shard_fully(model, sum_gradients=job.normalise != "rank mean")
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr, weight_decay=0.0)
-        accelerator = None
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    elif job.strategy == "manual":  # no wrapper: every rank loaded the same weights, all_reduce_gradients does the rest
-        optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0)
-        accelerator = None
-        device = next(model.parameters()).device
-    else:
-        accelerator = Accelerator(cpu=dist.get_backend() != "nccl")
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr, weight_decay=0.0)
+        shard_fully(model, sum_gradients=not users_path)
+    accelerator = Accelerator(cpu=rank_device().type == "cpu") if job.strategy in ("ddp", "ddp_lora") else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr, weight_decay=0.0)
+    if accelerator:
         model, optimizer = accelerator.prepare(model, optimizer)
-        model.register_comm_hook(comm, counting_allreduce)
-        device = accelerator.device
+        if not users_path:
+            model.register_comm_hook(comm, counting_allreduce)
+    return model, optimizer, accelerator, comm
+
+
+def run_job(job: "Job") -> dict:
+    """Train `job` on this rank (inside `launch`); returns the full trained weights, the losses, what this rank
+    held after its last backward and the bytes it handed to collectives (and, on gloo, wrote) per step."""
+    rank, world_size, device = dist.get_rank(), dist.get_world_size(), rank_device()
+    model, optimizer, accelerator, comm = wrap_for(job, job_model(job))
     plain = accelerator.unwrap_model(model) if accelerator else model
-    losses, first_gradients = [], None
+    losses, wire = [], 0
     first = _on(job.batches[0], device)
     tokens_agree = global_label_tokens(rank_rows(first, rank, world_size)) == label_tokens(first)
-    wire = 0
     with counting_collectives(comm):
         for step in range(job.steps):
             comm["bucket_storages"] = {}  # DDP rebuilds its buckets after step 1: the last step's are the ones it keeps
             written = bytes_written()
-            loss = rank_loss(model, _on(job.batches[step % len(job.batches)], device), rank, world_size, job.normalise)
+            batch = _on(job.batches[step % len(job.batches)], device)
+            loss = (users_loss(model, rank_rows(batch, rank, world_size)) if job.normalise == "rank mean"
+                    else rank_loss(model, batch, rank, world_size))
             (accelerator.backward(loss) if accelerator else loss.backward())
             if job.strategy == "manual":
                 all_reduce_gradients(model, comm)
@@ -398,19 +503,15 @@ def run_job(job: Job) -> dict:
             losses.append(loss.item())
     held["optimizer"] = rank_bytes(model, optimizer)["optimizer"]  # after the last step: all of it allocated
     held["buckets"] = sum(comm["bucket_storages"].values())  # DDP only: its flat bucket buffers
-    weights = {k: full_tensor(v) for k, v in plain.state_dict().items()}
-    return {"name": job.name or job.strategy, "rank": rank, "weights": weights, "losses": losses, "held": held,
-            "first_gradients": first_gradients, "tokens_agree": tokens_agree,
+    return {"name": job.name or job.strategy, "rank": rank, "losses": losses, "held": held,
+            "weights": {k: full_tensor(v) for k, v in plain.state_dict().items()}, "first_gradients": first_gradients,
+            "tokens_agree": tokens_agree, "written_per_step": None if wire is None else wire / job.steps,
             "sent_per_step": {k: v / job.steps for k, v in comm.items() if k in COUNTED},
-            "written_per_step": None if wire is None else wire / job.steps,
+            "gathers_per_step": comm.get("all_gather_single calls", 0) / job.steps,
+            "groups": fsdp_groups(plain) if job.strategy == "fsdp" else None,
             "distributed_type": str(accelerator.distributed_type) if accelerator else
             ("FSDP2 (fully_shard)" if job.strategy == "fsdp" else "by hand (all_reduce_gradients)"),
             "label_tokens": [label_tokens(rank_rows(b, rank, world_size)) for b in job.batches[:job.steps]]}
-
-
-def full_tensor(t) -> torch.Tensor:
-    """A whole tensor on the CPU: an FSDP DTensor gathered from every rank (all ranks must call this together)."""
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
 
 
 def run_jobs(jobs: list) -> list:
@@ -419,7 +520,7 @@ def run_jobs(jobs: list) -> list:
     return [job[0](*job[1]) if isinstance(job, tuple) else run_job(job) for job in jobs]
 
 
-def train_single(job: Job) -> dict:
+def train_single(job: "Job") -> dict:
     """The same steps in this process, on the whole global batch, loss averaged over all its label tokens."""
     model = job_model(job)
     device = next(model.parameters()).device

@@ -564,23 +564,74 @@ def shard_numel(shape, world_size: int, rank: int = 0, *, padded: bool = True) -
 _SHAPES = {}
 
 
-def parameter_shapes(config) -> list[tuple[int, ...]]:
-    """Shapes of the distinct parameters of `config`'s model (a tied head once), from the meta device."""
+def parameter_groups(config) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, all-gathers a step under FSDP full sharding) of each distinct parameter of `config`'s model (a tied
+    head once), from the meta device. Grouped as accelerate's fsdp2_prepare_model groups it: the final norm and the
+    head (and the embedding when tied to it) stay gathered from forward to backward, 1 gather; the rest 2."""
     key = config.to_json_string(use_diff=False)
     if key not in _SHAPES:
-        _SHAPES[key] = [tuple(p.shape) for p in meta_model(config).parameters()]
+        model = meta_model(config)
+        base = getattr(model, model.base_model_prefix)
+        norms = [m for _, m in base.named_children() if "Norm" in type(m).__name__][-1:]  # accelerate's final norm
+        tail = {id(p) for m in (*norms, model.get_output_embeddings()) if m is not None for p in m.parameters()}
+        _SHAPES[key] = [(tuple(p.shape), 1 if id(p) in tail else 2) for p in model.parameters()]
     return _SHAPES[key]
 
 
-def base_piece_bytes(config, world_size: int, rank: int, method: str, e: int, double_quant: bool = True) -> int:
-    """Bytes of one rank's padded pieces of the model's own weights (LoRA adapters not included). QLoRA's 4-bit
-    linears are split as packed bytes, evenly (FSDP-QLoRA shards their flattened storage)."""
-    pieces = e * sum(shard_numel(s, world_size, rank) for s in parameter_shapes(config))
-    if method == "qlora":
+def parameter_shapes(config) -> list[tuple[int, ...]]:
+    """Shapes of the distinct parameters of `config`'s model (a tied head once)."""
+    return [shape for shape, _ in parameter_groups(config)]
+
+
+def quant_state_bytes(numel: int, double_quant: bool = True) -> int:
+    """Bytes of a 4-bit tensor's quantisation state (absmax, nested absmax, code tables): bitsandbytes keeps them in
+    `weight.quant_state`, an attribute, not a parameter, so FSDP never shards them: every rank holds all of them."""
+    return nf4_bytes(numel, double_quant) - math.ceil(numel / 2)
+
+
+def base_piece_bytes(config, world_size: int, rank: int, method: str, e: int, double_quant: bool = True,
+                     gathers: int | None = None) -> int:
+    """Bytes of one rank's padded pieces of the model's own weights (LoRA adapters not included); with `gathers`,
+    only the groups gathered that many times a step. QLoRA's 4-bit linears (in the decoder layers, 2 gathers) are
+    split as packed bytes, evenly (FSDP-QLoRA shards their flattened storage); their quantisation state is not a
+    piece (see quant_state_bytes)."""
+    pieces = e * sum(shard_numel(s, world_size, rank) for s, g in parameter_groups(config) if gathers in (None, g))
+    if method == "qlora" and gathers in (None, 2):
         linear_numels = [o * i for o, i in architecture(config)[1].values()]
         pieces -= sum(n * e for n in linear_numels) // world_size
-        pieces += sum(math.ceil(nf4_bytes(n, double_quant) / world_size) for n in linear_numels)
+        pieces += sum(math.ceil(math.ceil(n / 2) / world_size) for n in linear_numels)
     return pieces
+
+
+def _sharded_parts(config, world_size: int, rank: int, mixed: bool, options: dict) -> dict:
+    """One rank's bytes of every part a strategy may split (optimizer, master, gradients, weights)."""
+    method = options.get("method", "full")
+    e = DTYPE_BYTES[dtype_name(options.get("dtype", torch.float32))]
+    adapter_bytes = DTYPE_BYTES[dtype_name(options.get("adapter_dtype", torch.float32))]
+    if method == "full":
+        trainable, grad_bytes = parameter_shapes(config), e
+    else:
+        targets = options.get("lora_targets", ("q_proj", "v_proj"))
+        trainable, grad_bytes = lora_shapes(architecture(config)[1], options.get("lora_rank", 8), targets), adapter_bytes
+
+    def held(shape_list, padded=True):
+        return [shard_numel(s, world_size, rank, padded=padded) for s in shape_list]
+
+    state_bytes = FLOAT_BYTES if mixed else (e if method == "full" else adapter_bytes)
+    optimizer = options.get("optimizer", "adamw")
+    double_quant = options.get("double_quant", True)
+    # Optimizer state is created like each local piece, without the padding; the master copy is the padded piece.
+    parts = {"optimizer": optimizer_state_bytes(held(trainable, padded=False), optimizer, state_bytes),
+             "master": FLOAT_BYTES * sum(held(trainable)) if mixed else 0,
+             "gradients": grad_bytes * sum(held(trainable)),
+             "weights": base_piece_bytes(config, world_size, rank, method, e, double_quant),
+             "step_transient": optimizer_step_temporaries(held(trainable, padded=False), optimizer, state_bytes,
+                                                          options.get("foreach", True))}
+    if method != "full":
+        parts["weights"] += adapter_bytes * sum(held(trainable))
+    if method == "qlora":  # the quantisation state stays whole on every rank
+        parts["weights"] += sum(quant_state_bytes(o * i, double_quant) for o, i in architecture(config)[1].values())
+    return parts
 
 
 def _single_device(estimate):
@@ -613,35 +664,10 @@ def per_rank(estimate):
         if not sharded:
             return RankBreakdown(**{f.name: getattr(out, f.name) for f in fields(out)},
                                  buckets=0 if bucket_view else out.gradients)
-        method = options.get("method", "full")
-        e = DTYPE_BYTES[dtype_name(options.get("dtype", torch.float32))]
-        adapter_bytes = DTYPE_BYTES[dtype_name(options.get("adapter_dtype", torch.float32))]
-        mixed = out.detail["mixed_precision"]
-        shapes = parameter_shapes(config)
-        if method == "full":
-            trainable, grad_bytes = shapes, e
-        else:
-            linears = architecture(config)[1]
-            targets = options.get("lora_targets", ("q_proj", "v_proj"))
-            trainable, grad_bytes = lora_shapes(linears, options.get("lora_rank", 8), targets), adapter_bytes
-
-        def held(shape_list, padded=True):
-            return [shard_numel(s, world_size, rank, padded=padded) for s in shape_list]
-
-        state_bytes = FLOAT_BYTES if mixed else (e if method == "full" else adapter_bytes)
-        optimizer = options.get("optimizer", "adamw")
-        parts = {}
-        # Optimizer state is created like each local piece, without the padding; the master copy is the padded piece.
-        parts["optimizer"] = optimizer_state_bytes(held(trainable, padded=False), optimizer, state_bytes)
-        parts["master"] = FLOAT_BYTES * sum(held(trainable)) if mixed else 0
-        parts["gradients"] = grad_bytes * sum(held(trainable))
-        parts["weights"] = base_piece_bytes(config, world_size, rank, method, e, options.get("double_quant", True))
-        if method != "full":
-            parts["weights"] += adapter_bytes * sum(held(trainable))
+        parts = _sharded_parts(config, world_size, rank, out.detail["mixed_precision"], options)
         out = replace(out, **{part: parts[part] for part in sharded}, detail=out.detail)
         if "optimizer" in sharded:
-            out.step_transient = optimizer_step_temporaries(held(trainable, padded=False), optimizer, state_bytes,
-                                                            options.get("foreach", True))
+            out.step_transient = parts["step_transient"]
         return out
 
     return estimate_memory
@@ -654,14 +680,14 @@ def communication_bytes(config, *, world_size: int, strategy: str = "none", meth
                         lora_rank: int = 8, lora_targets=("q_proj", "v_proj"), adapter_dtype=torch.float32,
                         double_quant: bool = True) -> dict:
     """Bytes one rank sends per optimizer step with ring collectives, by collective (see the table in notebook 10).
-    FSDP's pieces are padded; each all-gather and reduce-scatter sends (W - 1) of them."""
+    FSDP's pieces are padded; each all-gather and reduce-scatter sends (W - 1) of them. Under FSDP the tail group
+    (final norm, head) is gathered once a step, every other group twice (accelerate's grouping)."""
     check_strategy(strategy)
     _positive("world_size", world_size)
     w = world_size
     e = DTYPE_BYTES[dtype_name(dtype)]
-    shapes = parameter_shapes(config)
     if method == "full":
-        trainable, grad_bytes = shapes, e
+        trainable, grad_bytes = parameter_shapes(config), e
     else:
         trainable = lora_shapes(architecture(config)[1], lora_rank, lora_targets)
         grad_bytes = DTYPE_BYTES[dtype_name(adapter_dtype)]
@@ -671,8 +697,10 @@ def communication_bytes(config, *, world_size: int, strategy: str = "none", meth
     if strategy in ("optimizer", "gradients"):  # the updated trainable weights are as many bytes as their gradients
         return {"reduce-scatter of the gradients": (w - 1) * grads / w,
                 "all-gather of the updated weights": (w - 1) * grads / w}
-    pieces = base_piece_bytes(config, w, 0, method, e, double_quant)
+    twice = base_piece_bytes(config, w, 0, method, e, double_quant, gathers=2)  # decoder layers (and an untied embedding)
+    once = base_piece_bytes(config, w, 0, method, e, double_quant, gathers=1)   # the tail
     if method != "full":
-        pieces += sum(shard_numel(s, w) for s in trainable) * grad_bytes
-    return {"all-gather of the weights (forward and backward)": 2 * (w - 1) * pieces,
+        twice += sum(shard_numel(s, w) for s in trainable) * grad_bytes  # the adapters live in the decoder layers
+    return {"all-gather of the weights (forward and backward)": 2 * (w - 1) * twice,
+            "all-gather of the tail (once)": (w - 1) * once,
             "reduce-scatter of the gradients": (w - 1) * grad_bytes * sum(shard_numel(s, w) for s in trainable)}

@@ -11,7 +11,8 @@ from transformers import LlamaConfig
 
 from course_utils import distributed as D
 from course_utils.errors import CourseError
-from course_utils.memory import BIG, SHARDING, communication_bytes, estimate_memory, shard_numel
+from course_utils.memory import (BIG, LAYER_LINEARS, SHARDING, architecture, communication_bytes, estimate_memory,
+                                 parameter_groups, quant_state_bytes, shard_numel)
 from course_utils.paths import REPO_ROOT
 
 needs_two_cores = pytest.mark.skipif(D.usable_cores() < 2, reason="two ranks need two CPU cores")
@@ -57,9 +58,11 @@ def test_ranks_match_one_process_and_the_estimator(lab, world_size):
     jobs = [D.Job("ddp", batches, steps=2, dtype=torch.float64), D.Job("fsdp", batches, steps=2),
             D.Job("ddp_lora", batches, steps=2, lora_rank=4), D.Job("fsdp", batches, steps=2, dtype=torch.float64),
             D.Job("manual", batches, steps=2, dtype=torch.float64), D.Job("ddp", batches, steps=2),
-            (D.zero3_linear_against_fsdp, (10, 6, 3, 0))]  # 10 rows: 5, 5 at W = 2; 4, 4, 2 (+2 padding) at W = 3
+            (D.zero3_linear_against_fsdp, (10, 6, 3, 0)),  # 10 rows: 5, 5 at W = 2; 4, 4, 2 (+2 padding) at W = 3
+            (D.accelerate_fsdp_groups, (str(REPO_ROOT / "configs/accelerate/fsdp.yaml"),)),
+            D.Job("ddp", batches, steps=2, dtype=torch.float64, normalise="rank mean")]
     per_rank = D.launch(D.run_jobs, jobs, world_size=world_size, backend="gloo", oversubscribe=True)
-    ddp, fsdp, lora, fsdp64, manual, ddp32, zero3 = ([rank[i] for rank in per_rank] for i in range(7))
+    ddp, fsdp, lora, fsdp64, manual, ddp32, zero3, groups, trap = ([rank[i] for rank in per_rank] for i in range(9))
     single = D.train_single(jobs[0])
     assert_close(ddp[0]["first_gradients"], single["first_gradients"])
     assert_close(ddp[0]["weights"], single["weights"])
@@ -72,6 +75,14 @@ def test_ranks_match_one_process_and_the_estimator(lab, world_size):
         assert_close(got["ours_grad"], got["fsdp_grad"])
         assert_close(got["ours_grad"], got["whole_grad"])
         assert not got["padding_grad"].any()
+        assert_close(got["x_grad_ours"], got["x_grad_fsdp"])
+        assert_close(got["x_grad_ours"], got["x_grad_one"])
+        assert got["gathers"] == {"ours": 2, "fsdp": 2}  # the weight gathered again in backward, not saved
+        assert got["saved_bytes"] == got["x_bytes"] + got["piece_bytes"]
+    for r in range(world_size):  # shard_fully's groups are accelerate's fsdp2_prepare_model's under fsdp.yaml
+        assert fsdp[r]["groups"] == groups[r] and any(not reshard for _, reshard in groups[r])
+    with pytest.raises(AssertionError):  # the trap: the model's own loss, DDP's own averaging hook
+        assert_close(trap[0]["weights"], single["weights"])
     assert [len(got["padding_grad"]) for got in zero3] == ([0, 0] if world_size == 2 else [0, 0, 2])
     config = lab[0].config
     for r in fsdp:
@@ -106,6 +117,8 @@ def test_the_per_rank_mean_is_not_the_global_loss(lab, batches):
         trap = sum(D.rank_loss(model, batch, r, 2, "rank mean") for r in range(2)) / 2
     assert_close(right, whole)
     assert abs(trap - whole) > 1e-4
+    with torch.no_grad():  # the model's own loss on a rank's rows is that per-rank mean: the trap a script walks into
+        assert_close(D.users_loss(model, D.rank_rows(batch, 0, 2)), D.rank_loss(model, batch, 0, 2, "rank mean"))
 
 
 def test_one_rank_is_the_single_device_estimate():
@@ -165,7 +178,20 @@ def test_communication_formula():
         ddp = sum(communication_bytes(cfg, world_size=w, dtype=torch.bfloat16).values())
         assert ddp == 2 * (w - 1) / w * 2 * n
         assert sum(communication_bytes(cfg, world_size=w, strategy="gradients", dtype=torch.bfloat16).values()) == ddp
-        assert sum(communication_bytes(cfg, world_size=w, strategy="full", dtype=torch.bfloat16).values()) == 1.5 * ddp
+        # ZeRO-3's 1.5x, less one gather of the tail group (final norm and untied head), kept gathered through backward
+        tail = 2 * sum(torch.Size(s).numel() for s, gathers in parameter_groups(cfg) if gathers == 1)
+        assert tail == 2 * (4096 + 32000 * 4096)
+        full = sum(communication_bytes(cfg, world_size=w, strategy="full", dtype=torch.bfloat16).values())
+        assert full == pytest.approx(1.5 * ddp - (w - 1) / w * tail, rel=1e-12)
+
+
+def test_fsdp_leaves_qlora_quantisation_state_whole():
+    """The packed 4-bit weights split over the ranks; absmax and the code tables (not parameters) do not."""
+    cfg = BIG["Llama-2-7B"]
+    state = sum(quant_state_bytes(o * i) for o, i in architecture(cfg)[1].values())
+    kw = dict(method="qlora", dtype=torch.bfloat16, lora_rank=16, lora_targets=LAYER_LINEARS, strategy="full")
+    w8, w16 = (estimate_memory(cfg, world_size=w, batch_size=w, **kw).weights for w in (8, 16))
+    assert w8 - state == 2 * (w16 - state)  # every piece halves, the state stays
 
 
 @pytest.mark.parametrize("call, words", [
@@ -201,6 +227,14 @@ def test_the_command_refuses_an_fsdp_accelerate_config():
     out = subprocess.run([sys.executable, "-m", "course_utils", "distributed"], capture_output=True, text=True,
                          env=env, cwd=REPO_ROOT, timeout=120)
     assert out.returncode == 2 and "ddp_cpu.yaml" in out.stderr
+
+
+def test_what_accelerate_derives_from_the_configs():
+    fsdp = D.launch_environment(REPO_ROOT / "configs/accelerate/fsdp.yaml")
+    assert fsdp["FSDP_VERSION"] == "2" and fsdp["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
+    assert fsdp["FSDP_RESHARD_AFTER_FORWARD"] == "true" and fsdp["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    ddp = D.launch_environment(REPO_ROOT / "configs/accelerate/ddp_gpus.yaml")
+    assert ddp["multi_gpu"] == "True" and "ACCELERATE_USE_FSDP" not in ddp
 
 
 def test_accelerate_configs_load():

@@ -250,3 +250,26 @@ def test_per_sample_needs_the_models_forward(model, ids):
         embeddings.eval()
         assert torch.equal(embeddings(ids), nn.functional.embedding(ids, embeddings.weight))  # eval: no noise, no error
     model.eval()
+
+
+def test_per_sample_reads_padding_free_position_ids_through_the_model(model, ids):
+    # TRL's padding-free batches (SFTTrainer(packing=True), "bfd"): one row, position ids restarting per sample,
+    # no attention_mask. Samples of 3 and 30 tokens: each token's bound is its own sample's, not the row's 33.
+    flat = torch.cat([ids[0, :3], ids.flatten()[:30]]).view(1, -1)
+    position_ids = torch.cat([torch.arange(3), torch.arange(30)]).view(1, -1)
+    captured = []
+    embeddings = input_embeddings(model)
+    with torch.no_grad():
+        clean = embeddings(flat)
+    with neftune(model, 10, per_sample=True):
+        probe = embeddings.register_forward_hook(lambda m, i, out: captured.append(out - clean))
+        model.train()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model(input_ids=flat, position_ids=position_ids)
+        probe.remove()
+    model.eval()
+    noise, dim = captured[0][0], clean.size(-1)
+    assert noise[:3].abs().max() > 10 / math.sqrt(33 * dim)  # the short sample gets more than the row's scale allows
+    assert noise[:3].abs().max() <= 10 / math.sqrt(3 * dim) * (1 + 1e-6)
+    assert noise[3:].abs().max() <= 10 / math.sqrt(30 * dim) * (1 + 1e-6)

@@ -42,21 +42,26 @@ def _same_shape(**tensors) -> None:
                           "policy goes with chosen row i of the reference).")
 
 
+def token_logps(logits, input_ids, completion_mask) -> torch.Tensor:
+    """Per-token log-probs of the completion tokens, 0 elsewhere: [N, T - 1] (logit t predicts token t + 1)."""
+    per_token = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return per_token * completion_mask[:, 1:].to(per_token.dtype)
+
+
 def sequence_logps(logits, input_ids, completion_mask, average: bool = False) -> torch.Tensor:
     """Per-row log-probability of the completion tokens from logits [N, T, V]: logit t predicts token t + 1.
 
     The sum over completion tokens (the DPO paper, TRL), or the mean when average=True.
     """
-    per_token = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = completion_mask[:, 1:].to(per_token.dtype)
-    counts = mask.sum(-1)
+    per_token = token_logps(logits, input_ids, completion_mask)
+    counts = completion_mask[:, 1:].sum(-1).to(per_token.dtype)
     if (counts == 0).any():
         rows = torch.nonzero(counts == 0).flatten().tolist()
         raise CourseError(
             f"Rows {rows} have no completion tokens in completion_mask: their log-probs would be 0 for policy and "
             "reference alike, and the DPO loss would sit at log 2 = 0.693 whatever the model does. Mark the "
             "answer's tokens with 1 (preference_batch does), and check that truncation did not cut the answer off.")
-    total = (per_token * mask).sum(-1)
+    total = per_token.sum(-1)
     return total / counts if average else total
 
 

@@ -131,3 +131,48 @@ def test_markdown_states_no_measured_number_by_hand(path):
         hits = [m.group(0) for line in cell.source.splitlines()
                 if not CITED.search(line) and not line.lstrip().startswith("#") for m in MEASURED.finditer(line)]
         assert not hits, f"markdown cell {index} states {hits}: render measured numbers from the run, or cite the source"
+
+
+def _discarded_markdown_calls(source: str) -> list[int]:
+    """Line numbers of `markdown(...)` calls whose value is thrown away: a bare call that is not the cell's last
+    statement (Jupyter shows only the last expression), or the last one silenced by a trailing semicolon."""
+    import ast
+    import warnings
+
+    code = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escapes in LaTeX strings are the notebook's business
+            tree = ast.parse(code)
+    except SyntaxError:
+        return []
+    last = tree.body[-1] if tree.body else None
+    silenced = code.rstrip().endswith(";")
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)):
+            continue
+        func = node.value.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        if name == "markdown" and (node is not last or silenced):
+            found.append(node.lineno)
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_rendered_markdown_is_displayed(path):
+    """A `markdown(f"...")` conclusion that is not the cell's last expression is never shown: wrap it in display()."""
+    for index, cell in enumerate(load(path).cells):
+        if cell.cell_type == "code":
+            lines = _discarded_markdown_calls(cell.source)
+            assert not lines, (f"code cell {index}: markdown(...) on line(s) {lines} is computed and thrown away; "
+                               "make it the cell's last expression (no trailing ';') or wrap it in display()")
+
+
+def test_discarded_markdown_detector():
+    """The detector above: catches a discarded call, passes a shown one (the bugs of both directions)."""
+    assert _discarded_markdown_calls('markdown("a")\nx = 1') == [1]
+    assert _discarded_markdown_calls('x = 1\nmarkdown("a");') == [2]
+    assert _discarded_markdown_calls('for i in range(2):\n    markdown("a")\nx = 1') == [2]
+    assert _discarded_markdown_calls('x = 1\nmarkdown("a")') == []
+    assert _discarded_markdown_calls('display(markdown("a"))\nx = 1') == []

@@ -13,7 +13,7 @@ from course_utils.errors import CourseError
 from course_utils.preference import (LOSS_TYPES, SMOL_OPENING, SMOL_SYSTEM, _pair_order, completion_logps, dpo_loss,
                                      kto_loss, kto_reference_point, load_smollm2_preferences, opens_politely,
                                      preference_batch, sequence_logps, smollm2_preference_rows, states_answer,
-                                     train_dpo, unpaired_batch)
+                                     token_logps, train_dpo, unpaired_batch)
 from course_utils.paths import DATA_DIR
 
 ROWS = [
@@ -111,6 +111,19 @@ def test_sequence_logps_sum_and_mean():
                             lp[1, 0, ids[1, 1]] + lp[1, 1, ids[1, 2]]])
     assert torch.allclose(sequence_logps(logits, ids, mask), expected)
     assert torch.allclose(sequence_logps(logits, ids, mask, average=True), expected / torch.tensor([3.0, 2.0]))
+
+
+def test_token_logps_are_the_per_token_terms_of_the_sum():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+    per_token = token_logps(logits, ids, mask)
+    lp = logits.log_softmax(-1)
+    assert per_token.shape == (2, 4)
+    assert per_token[0, 0] == 0 and per_token[1, 2] == 0  # prompt and padding positions are 0
+    assert torch.isclose(per_token[0, 1], lp[0, 1, ids[0, 2]]) and torch.isclose(per_token[1, 0], lp[1, 0, ids[1, 1]])
+    assert torch.allclose(per_token.sum(-1), sequence_logps(logits, ids, mask))
 
 
 def test_empty_completion_mask_names_the_stuck_loss():

@@ -16,3 +16,9 @@ def dpo_gradient_weight(h, beta, loss_type):
     if loss_type == "hinge":
         return beta if beta * h < 1 else 0.0
     return -2 * (h - 1 / (2 * beta))
+
+
+def shared_prefix_weight(len_chosen, len_rejected, average):
+    # The chosen term minus the rejected term, written the other way round: right magnitude, wrong sign, so the
+    # equal-length and summed cases pass and the unequal averaged ones fail.
+    return 1 / len_rejected - 1 / len_chosen if average else 0.0

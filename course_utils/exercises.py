@@ -16,37 +16,47 @@ def _kind(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def describe_difference(got, expected, atol=1e-6, where="the result"):
-    """None when `got` matches `expected`, else one sentence saying what differs."""
-    if isinstance(expected, torch.Tensor):
-        if not isinstance(got, torch.Tensor):
-            return f"{where} should be {_kind(expected)}, got {_kind(got)}"
-        if got.shape != expected.shape:
-            return f"{where} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
-        if got.dtype != expected.dtype:
-            return f"{where} has dtype {got.dtype}, expected {expected.dtype}"
-        if got.dtype == torch.bool or not got.is_floating_point():
-            wrong = (got != expected).sum().item()
-            return None if wrong == 0 else f"{where}: {wrong} of {got.numel()} entries differ"
-        error = (got.double() - expected.double()).abs()
-        if not torch.isfinite(got).all():
-            return f"{where} holds NaN or inf"
-        worst = error.max().item() if error.numel() else 0.0
-        return None if worst <= atol else f"{where}: largest difference {worst:.3g} (allowed {atol:g})"
+def _tensor_difference(got, expected: torch.Tensor, atol, where):
+    """None when the tensor `got` matches `expected` (shape, dtype, values within atol), else a sentence."""
+    if not isinstance(got, torch.Tensor):
+        return f"{where} should be {_kind(expected)}, got {_kind(got)}"
+    if got.shape != expected.shape:
+        return f"{where} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+    if got.dtype != expected.dtype:
+        return f"{where} has dtype {got.dtype}, expected {expected.dtype}"
+    if got.dtype == torch.bool or not got.is_floating_point():
+        wrong = (got != expected).sum().item()
+        return None if wrong == 0 else f"{where}: {wrong} of {got.numel()} entries differ"
+    error = (got.double() - expected.double()).abs()
+    if not torch.isfinite(got).all():
+        return f"{where} holds NaN or inf"
+    worst = error.max().item() if error.numel() else 0.0
+    return None if worst <= atol else f"{where}: largest difference {worst:.3g} (allowed {atol:g})"
+
+
+def _scalar_difference(got, expected, atol, where):
+    """None when `got` matches a bool, None, str or number `expected` (numbers within atol), else a sentence."""
     if isinstance(expected, bool) or expected is None or isinstance(expected, str):
         if type(got) is not type(expected):
             return f"{where} should be {_kind(expected)}, got {_kind(got)}: {got!r}"
         return None if got == expected else f"{where} is {got!r}, expected {expected!r}"
-    if isinstance(expected, (int, float)):
-        if isinstance(got, torch.Tensor):
-            return f"{where} should be a Python number, got {_kind(got)} (use .item())"
-        if isinstance(got, bool) or not isinstance(got, (int, float)):
-            return f"{where} should be a number, got {_kind(got)}"
-        if isinstance(expected, int) and not isinstance(got, int) and not float(got).is_integer():
-            return f"{where} is {got!r}, expected the whole number {expected!r}"
-        if math.isfinite(expected) and abs(got - expected) <= atol:
-            return None
-        return None if got == expected else f"{where} is {got!r}, expected {expected!r}"
+    if isinstance(got, torch.Tensor):
+        return f"{where} should be a Python number, got {_kind(got)} (use .item())"
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        return f"{where} should be a number, got {_kind(got)}"
+    if isinstance(expected, int) and not isinstance(got, int) and not float(got).is_integer():
+        return f"{where} is {got!r}, expected the whole number {expected!r}"
+    if math.isfinite(expected) and abs(got - expected) <= atol:
+        return None
+    return None if got == expected else f"{where} is {got!r}, expected {expected!r}"
+
+
+def describe_difference(got, expected, atol=1e-6, where="the result"):
+    """None when `got` matches `expected`, else one sentence saying what differs."""
+    if isinstance(expected, torch.Tensor):
+        return _tensor_difference(got, expected, atol, where)
+    if isinstance(expected, (bool, int, float, str)) or expected is None:
+        return _scalar_difference(got, expected, atol, where)
     if isinstance(expected, (list, tuple)):
         if not isinstance(got, (list, tuple)):
             return f"{where} should be a {type(expected).__name__}, got {_kind(got)}"

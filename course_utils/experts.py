@@ -37,14 +37,14 @@ REPLAY_SKILLS = ("copy", "first_word", "last_word", "count", "fact", "describe")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Three ways to fine-tune an expert, the axis "how was it fine-tuned?" of the merging notebooks.
-# Same steps and batch for all; "card" is the lab card's full fine-tuning learning rate.
+# Same steps and batch for all (target: at most); "card" is the lab card's full fine-tuning learning rate.
 RECIPES = {
     "card": {"method": "full", "lr": 1e-3, "steps": 60, "batch_size": 16, "replay": 0.0},
     "gentle": {"method": "full", "lr": 3e-4, "steps": 60, "batch_size": 16, "replay": 0.25},
     "lora": {"method": "lora", "lr": 3e-3, "steps": 60, "batch_size": 16, "replay": 0.0,
              "r": 8, "alpha": 16, "target_modules": ALL_LINEAR},
-    # gentle, trained 2.5 times longer: reverse and sort_digits reach (nearly) every test prompt
-    "target": {"method": "full", "lr": 3e-4, "steps": 150, "batch_size": 16, "replay": 0.25},
+    # gentle, trained until it answers 95% of 16 training prompts exactly (checked every 10 steps, at most 150)
+    "target": {"method": "full", "lr": 3e-4, "steps": 150, "batch_size": 16, "replay": 0.25, "until": 0.95},
 }
 
 
@@ -63,6 +63,8 @@ def recipe_settings(recipe) -> dict:
         raise CourseError(f"method={settings['method']!r}: use 'full' or 'lora'.")
     if not 0 <= settings["replay"] < 1:
         raise CourseError(f"replay={settings['replay']!r} is the share of replayed rows: it must be in [0, 1).")
+    if settings.get("until") is not None and not 0 < settings["until"] <= 1:
+        raise CourseError(f"until={settings['until']!r} is the share of training prompts to answer: use (0, 1].")
     return settings
 
 
@@ -86,10 +88,21 @@ def training_rows(tasks, replay: float, seed: int) -> list[dict]:
     return rows
 
 
+def _stop_at_target(model, tokenizer, tasks, share: float, seed: int, every: int = 10, prompts: int = 16):
+    """A `training.train` callback: True (stop) once `model` answers `share` of `prompts` training prompts per task
+    exactly, checked every `every` steps (the recipe's steps remain the limit)."""
+    from course_utils.evaluation import exact_match
+
+    rng = random.Random(seed)
+    rows = [row for task in tasks for row in rng.sample(list(load_task(task, "train")), prompts)]
+    return lambda step, loss: step % every == 0 and exact_match(model, tokenizer, rows) >= share
+
+
 def _code_fingerprint() -> str:
     """What an expert depends on besides its settings: the code that trains it and the base weights."""
     digest = hashlib.sha256()
-    for part in (inspect.getsource(training), inspect.getsource(training_rows), inspect.getsource(train_expert)):
+    for part in (inspect.getsource(training), inspect.getsource(training_rows), inspect.getsource(train_expert),
+                 inspect.getsource(_stop_at_target)):
         digest.update(part.encode())
     digest.update((LAB_MODEL_DIR / "model.safetensors").read_bytes())
     return digest.hexdigest()[:16]
@@ -105,7 +118,8 @@ def train_expert(base, tokenizer, tasks, recipe, seed: int):
     """Fine-tune a copy of `base` on `tasks` with `recipe`; LoRA experts come back merged into dense weights.
 
     A multi-task model (several tasks) trains for steps x number of tasks, so it sees as
-    many batches as all the single-task experts together.
+    many batches as all the single-task experts together. A recipe with "until" stops earlier,
+    once the model answers that share of its training prompts exactly (`_stop_at_target`).
     """
     from course_utils.lora import add_lora, merge_lora, unload_lora
 
@@ -116,7 +130,9 @@ def train_expert(base, tokenizer, tasks, recipe, seed: int):
         add_lora(model, settings["target_modules"], r=settings["r"], alpha=settings["alpha"])
     rows = training_rows(tasks, settings["replay"], seed)
     batches = training.chat_batches(tokenizer, rows, batch_size=settings["batch_size"], seed=seed)
-    training.train(model, batches, steps=settings["steps"] * len(tasks), lr=settings["lr"], progress=False)
+    stop = _stop_at_target(model, tokenizer, tasks, settings["until"], seed) if settings.get("until") else None
+    training.train(model, batches, steps=settings["steps"] * len(tasks), lr=settings["lr"], progress=False,
+                   callback=stop)
     if settings["method"] == "lora":
         unload_lora(merge_lora(model))
     model.requires_grad_(False)
@@ -148,6 +164,13 @@ def _lab_base():
     return _BASE["model"], _BASE["tokenizer"]
 
 
+def expert_path(tasks, recipe="gentle", seed: int = 0) -> Path:
+    """Where the cache keeps the expert (tasks, recipe, seed); it exists once the expert was trained."""
+    tasks = _as_tasks(tasks)
+    return experts_dir() / f"lab-{'+'.join(tasks)}-{recipe if isinstance(recipe, str) else 'custom'}-" \
+                           f"seed{seed}-{expert_key(tasks, recipe, seed)}.safetensors"
+
+
 def lab_expert(tasks, recipe="gentle", seed: int = 0, *, rebuild: bool = False):
     """The lab model fine-tuned on `tasks` (a name, or several for a multi-task model) with `recipe`.
 
@@ -158,8 +181,7 @@ def lab_expert(tasks, recipe="gentle", seed: int = 0, *, rebuild: bool = False):
 
     tasks = _as_tasks(tasks)
     base, tokenizer = _lab_base()
-    path = experts_dir() / f"lab-{'+'.join(tasks)}-{recipe if isinstance(recipe, str) else 'custom'}-" \
-                           f"seed{seed}-{expert_key(tasks, recipe, seed)}.safetensors"
+    path = expert_path(tasks, recipe, seed)
     model = copy.deepcopy(base)
     if path.exists() and not rebuild:
         try:
@@ -173,6 +195,17 @@ def lab_expert(tasks, recipe="gentle", seed: int = 0, *, rebuild: bool = False):
     save_file(state, tmp)
     tmp.replace(path)
     return model
+
+
+def lab_experts(specs, *, progress: bool = True) -> dict:
+    """{(tasks, recipe, seed): model} for each spec, in order; those not cached yet are trained first, with a bar."""
+    from tqdm.auto import tqdm
+
+    specs = [(tasks if isinstance(tasks, str) else tuple(tasks), recipe, int(seed)) for tasks, recipe, seed in specs]
+    missing = [spec for spec in dict.fromkeys(specs) if not expert_path(*spec).exists()]
+    for spec in tqdm(missing, desc="training experts", disable=not progress or not missing):
+        lab_expert(*spec)
+    return {spec: lab_expert(*spec) for spec in specs}
 
 
 # Two habits for SmolLM2, each a LoRA adapter, each checked by a rule on the answer. They sit at

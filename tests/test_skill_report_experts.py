@@ -123,3 +123,36 @@ def test_habit_answer_report_counts_both_habits_in_one_answer_and_the_content():
     assert [r["content"] for r in rows[:3]] == [1.0, 0.0, 1.0]
     with pytest.raises(CourseError, match="answers"):
         experts.habit_answer_report(answers[:2])
+
+
+
+def test_lab_experts_trains_the_missing_ones_once_and_keys_them_right(tmp_path, monkeypatch):
+    # Catches models handed back under another spec's key, a duplicate spec trained twice, and a cached expert
+    # trained again.
+    monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(experts.RECIPES, "tiny", TINY)
+    specs = [("reverse", "tiny", 0), ("add", "tiny", 1), (["reverse", "add"], "tiny", 0), ("reverse", "tiny", 0)]
+    built = experts.lab_experts(specs, progress=False)
+    assert list(built) == [("reverse", "tiny", 0), ("add", "tiny", 1), (("reverse", "add"), "tiny", 0)]
+    assert len(list((tmp_path / "experts").glob("*.safetensors"))) == 3
+    for key, model in built.items():
+        alone = experts.lab_expert(*key)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), alone.state_dict().values())), key
+    assert not torch.equal(built["reverse", "tiny", 0].model.norm.weight, built["add", "tiny", 1].model.norm.weight)
+    stamp = experts.expert_path("add", "tiny", 1).stat().st_mtime_ns
+    experts.lab_experts([("add", "tiny", 1)], progress=False)
+    assert experts.expert_path("add", "tiny", 1).stat().st_mtime_ns == stamp, "a cached expert is not trained again"
+
+
+def test_target_recipe_stops_once_the_training_prompts_are_answered(lab):
+    # The early stop of recipe "target": checked every 10 steps only, and only when the share is reached. The base
+    # model copies (its skill) and cannot reverse (a held-out task). Catches a check on every step, a rule that
+    # stops on the loss, or one that never stops.
+    model, tokenizer = lab
+    copy_done = experts._stop_at_target(model, tokenizer, ("copy",), 0.9, seed=0)
+    reverse_done = experts._stop_at_target(model, tokenizer, ("reverse",), 0.9, seed=0)
+    assert copy_done(10, 9.9) and not copy_done(7, 0.0)
+    assert not reverse_done(10, 0.0)
+    assert experts.RECIPES["target"]["until"] == 0.95 and experts.RECIPES["target"]["steps"] == 150
+    with pytest.raises(CourseError, match="until"):
+        experts.recipe_settings({**TINY, "until": 1.5})

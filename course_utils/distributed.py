@@ -1,9 +1,3 @@
-"""Exported from notebooks/10_scaling_out.ipynb: do not edit here.
-
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
-"""
-
-
 """Training on several processes: DDP and FSDP launched from a notebook, and the bytes they hold and send.
 
 Built in notebooks/10_scaling_out.ipynb. On a laptop the ranks are CPU processes talking over gloo; on a machine
@@ -14,6 +8,11 @@ with two or more GPUs, one process per GPU over NCCL.
     reference = [train_single(job) for job in jobs]   # the same steps in this process
 """
 
+# Exported from notebooks/10_scaling_out.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/10_scaling_out.ipynb · 1.1 · What data parallelism does to one step
 import contextlib
 import os
 import socket
@@ -95,6 +94,7 @@ def launch(worker, *args, world_size: int = 2, backend: str | None = None, overs
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.1 · What data parallelism does to one step
 NORMALISATIONS = ("global tokens", "rank mean")
 
 
@@ -151,6 +151,7 @@ def all_reduce_gradients(model, counter: dict | None = None):
             dist.all_reduce(p.grad)
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.2 · DDP through accelerate, with a count of what it all-reduces
 STRATEGIES = ("ddp", "fsdp", "ddp_lora", "manual")
 COUNTED = ("allreduce", "all_gather_single", "reduce_scatter_single")  # the collectives whose inputs are counted
 
@@ -222,6 +223,7 @@ def rank_bytes(model, optimizer) -> dict:
             "optimizer": held_bytes(states)}
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.3 · ZeRO-3 by hand, then FSDP: every parameter cut in $W$ pieces
 class GatherRows(torch.autograd.Function):
     """ZeRO-3's two collectives as one autograd step: forward all-gathers every rank's piece into the whole
     tensor; backward reduce-scatters the whole gradient, so each rank keeps the sum over ranks of its piece's rows."""
@@ -255,6 +257,7 @@ class Zero3Linear(torch.nn.Module):
         return F.linear(x, GatherRows.apply(self.piece)[:self.rows])
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.3 · ZeRO-3 by hand, then FSDP: every parameter cut in $W$ pieces
 @contextlib.contextmanager
 def counting_collectives(counter: dict):
     """Count the input bytes of every all-gather and reduce-scatter issued inside the block (as FSDP2 calls them)."""
@@ -296,6 +299,7 @@ def shard_fully(model, *, layers=None, sum_gradients: bool = True):
     return model
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.3 · ZeRO-3 by hand, then FSDP: every parameter cut in $W$ pieces
 def zero3_linear_against_fsdp(rows: int, cols: int, tokens: int, seed: int = 0) -> dict:
     """On every rank: the same linear layer as a Zero3Linear and under `fully_shard`, each rank its own `tokens`
     inputs, loss = sum of squared outputs over all ranks. Returns this rank's piece of the weight and of its
@@ -315,6 +319,7 @@ def zero3_linear_against_fsdp(rows: int, cols: int, tokens: int, seed: int = 0) 
             "whole_grad": torch.chunk(whole.grad, dist.get_world_size())[dist.get_rank()]}
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.4 · One run, on a rank and in one process
 def rms_norm_in_own_dtype(self, hidden_states):
     """LlamaRMSNorm's formula computed in the tensor's own dtype (transformers computes it in float32 always)."""
     variance = hidden_states.pow(2).mean(-1, keepdim=True)

@@ -1,9 +1,13 @@
-"""Exported from notebooks/00_start_here.ipynb: do not edit here.
+"""Exercise checks: compare a learner's answer with the expected one and say, in one sentence, what differs.
 
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
+Built in notebooks/00_start_here.ipynb; every notebook's exercise cells call `check_exercise`.
 """
 
+# Exported from notebooks/00_start_here.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
 
+
+# %% notebooks/00_start_here.ipynb · Appendix · The exercise checker
 import math
 
 import torch

@@ -101,10 +101,12 @@ def _compact(found: list[Section], deep: bool) -> list[str]:
     names: list[str] = []
     for s in listed:
         below = [t for t in listed if _is_under(t.name, s.name)]
-        if s.deep != deep or any(t.deep != deep for t in below):
-            continue  # another mark inside: its parts are listed one by one
+        if s.deep != deep or s.name in names:
+            continue
+        if any(t.deep != deep for t in below) and any(t.deep == deep for t in below):
+            continue  # both marks inside: its parts are listed one by one
         if not any(_is_under(s.name, n) for n in names):
-            names.append(s.name)
+            names.append(s.name)  # (a core section whose only subsections are deep dives is listed whole)
     return names
 
 

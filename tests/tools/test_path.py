@@ -42,6 +42,10 @@ def test_core_line_lists_the_fewest_names_with_ranges():
     assert path.core_line(plain) == "**Core:** sections 1-3."
     split = notebook("## 2 · B", "### 2.1 · C", "### 2.2 · D (deep dive)", "### 2.3 · E", "### 2.4 · F")
     assert path.core_line(split).startswith("**Core:** sections 2.1 and 2.3-2.4;")
+    # a core section whose only subsection is a deep dive is listed whole, beside that deep dive
+    only = notebook("## 3 · A", "## 4 · B", "x = 1", "### 4.1 · C (deep dive)", "## 5 · D")
+    assert path.core_line(only) == ("**Core:** sections 3-5; **deep dives** (marked *(deep dive)* in their "
+                                    "headings): 4.1.")
 
 
 def test_the_block_is_written_once_and_rewritten_in_place():

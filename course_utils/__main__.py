@@ -11,17 +11,17 @@ A CourseError is printed as one line on stderr (exit status 2), no traceback.
 import argparse
 import sys
 
-from .errors import CourseError
+from course_utils.errors import CourseError
 
 
 def _doctor(args) -> int:
-    from . import doctor
+    from course_utils.tools import doctor
 
     return doctor.main(warm=args.warm)
 
 
 def _prepare(args) -> int:
-    from . import smollm2
+    from course_utils import smollm2
 
     folder = smollm2.prepare(force=args.force)
     print(f"SmolLM2 is ready in {folder}")
@@ -34,10 +34,10 @@ def _distributed(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from . import distributed
-    from .data import load_task
-    from .models import load_model
-    from .training import chat_batches
+    from course_utils import distributed
+    from course_utils.data import load_task
+    from course_utils.models import load_model
+    from course_utils.training import chat_batches
 
     if any(os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true" for kind in ("FSDP", "DEEPSPEED")):
         raise CourseError("This command wraps the model itself (--strategy ddp, fsdp or ddp_lora): launch it with "

@@ -4,9 +4,9 @@
     load_task("general", "test")    # {"text": ...} rows
     load_task("preferences")        # {"prompt", "chosen", "rejected"} rows, as TRL's DPOTrainer takes them
 
-The files are written by `python -m course_utils.lab_corpus write-data`; what
+The files are written by `python -m course_utils.lab.corpus write-data`; what
 each task is, and which ones the lab model already knows, is in
-`course_utils.lab_tasks` and data/lab-model/README.md.
+`course_utils.lab.tasks` and data/lab-model/README.md.
 """
 
 import difflib
@@ -16,12 +16,12 @@ from pathlib import Path
 from datasets import Dataset
 
 from course_utils.errors import CourseError
-from course_utils.lab_tasks import TASKS
+from course_utils.lab.tasks import TASKS
 from course_utils.paths import TASKS_DIR
 
 SPLITS = ("train", "test")
 RESTORE_HINT = ("Restore the files with `git checkout -- data/tasks` "
-                "or rebuild them with `python -m course_utils.lab_corpus write-data`.")
+                "or rebuild them with `python -m course_utils.lab.corpus write-data`.")
 
 
 def list_tasks(kind: str | None = None) -> list[str]:

@@ -1,9 +1,3 @@
-"""Exported from notebooks/10_scaling_out.ipynb: do not edit here.
-
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
-"""
-
-
 """Training on several processes: DDP and FSDP launched from a notebook, and the bytes they hold and send.
 
 Built in notebooks/10_scaling_out.ipynb. On a laptop the ranks are CPU processes talking over gloo; on a machine
@@ -14,6 +8,11 @@ with two or more GPUs, one process per GPU over NCCL.
     reference = [train_single(job) for job in jobs]   # the same steps in this process
 """
 
+# Exported from notebooks/10_scaling_out.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/10_scaling_out.ipynb · 1.1 · What data parallelism does to one step
 import contextlib
 import os
 import socket
@@ -67,6 +66,7 @@ def check_world_size(world_size, *, backend: str = "gloo", batch_rows: int | Non
     return world_size
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.1 · What data parallelism does to one step
 def free_port() -> int:
     """A TCP port nobody listens on, for rank 0's rendezvous."""
     with socket.socket() as s:
@@ -103,6 +103,7 @@ def launch(worker, *args, world_size: int = 2, backend: str | None = None, overs
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.1 · What data parallelism does to one step
 NORMALISATIONS = ("global tokens", "rank mean")
 
 
@@ -159,6 +160,7 @@ def all_reduce_gradients(model, counter: dict | None = None):
             dist.all_reduce(p.grad)
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.2 · DDP through accelerate, with a count of what it all-reduces
 STRATEGIES = ("ddp", "fsdp", "ddp_lora", "manual")
 COUNTED = ("allreduce", "all_gather_single", "reduce_scatter_single")  # the collectives whose inputs are counted
 
@@ -208,6 +210,7 @@ def bytes_written() -> int | None:
         return None
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.2 · DDP through accelerate, with a count of what it all-reduces
 def local_tensor(t):
     """A rank's own piece of a tensor: the local shard of an FSDP DTensor, the tensor itself otherwise."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -231,6 +234,7 @@ def rank_bytes(model, optimizer) -> dict:
             "optimizer": held_bytes(states)}
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.3 · ZeRO-3 by hand, then FSDP: every parameter cut in $W$ pieces
 def gather_rows(piece):
     """All-gather every rank's piece (equal sizes, padded) into the whole tensor, in rank order."""
     whole = piece.new_empty((dist.get_world_size() * piece.shape[0], *piece.shape[1:]))
@@ -280,6 +284,7 @@ class Zero3Linear(torch.nn.Module):
         return ShardedLinear.apply(x, self.piece, self.rows)
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.3 · ZeRO-3 by hand, then FSDP: every parameter cut in $W$ pieces
 @contextlib.contextmanager
 def counting_collectives(counter: dict):
     """Count the input bytes (and the calls) of every all-gather and reduce-scatter issued inside the block (as
@@ -326,6 +331,7 @@ def shard_fully(model, *, sum_gradients: bool = True):
     return model
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.3 · ZeRO-3 by hand, then FSDP: every parameter cut in $W$ pieces
 def zero3_linear_against_fsdp(rows: int, cols: int, tokens: int, seed: int = 0) -> dict:
     """On every rank: the same linear layer as a Zero3Linear and under `fully_shard` (resharded after forward),
     each rank its own `tokens` inputs, which require a gradient; loss = sum of squared outputs over all ranks.
@@ -362,6 +368,7 @@ def zero3_linear_against_fsdp(rows: int, cols: int, tokens: int, seed: int = 0) 
                               "fsdp": fsdp_count.get("all_gather_single calls", 0)}}
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.3 · ZeRO-3 by hand, then FSDP: every parameter cut in $W$ pieces
 def fsdp_groups(model) -> list:
     """Each FSDP group of `model`: the names of its parameters, and whether it is resharded after forward."""
     from torch.distributed.fsdp import FSDPModule
@@ -407,6 +414,7 @@ def launch_environment(config_file: str) -> dict:
                                                                        "num_processes": str(args.num_processes)}
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.4 · One run, on a rank and in one process
 def rms_norm_in_own_dtype(self, hidden_states):
     """LlamaRMSNorm's formula computed in the tensor's own dtype (transformers computes it in float32 always)."""
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -457,6 +465,7 @@ def full_tensor(t) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.4 · One run, on a rank and in one process
 def wrap_for(job: "Job", model):
     """The job's wrapping on this rank: (model, optimizer, Accelerator or None, counter of the bytes sent). The
     trap (normalise="rank mean") runs as a user's script does: DDP's own hook (it averages), FSDP's own average."""
@@ -514,6 +523,7 @@ def run_job(job: "Job") -> dict:
             "label_tokens": [label_tokens(rank_rows(b, rank, world_size)) for b in job.batches[:job.steps]]}
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.4 · One run, on a rank and in one process
 def run_jobs(jobs: list) -> list:
     """Every job in turn on this rank (one launch, many runs: starting processes is the slow part). A job may also
     be a pair (function, args), run as function(*args) on every rank."""

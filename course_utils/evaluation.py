@@ -192,7 +192,7 @@ def _skill_examples(name: str, limit: int | None):
 def describe_accuracy(model, tokenizer, examples) -> float:
     """Share of describe prompts whose greedy answer states the fact exactly, with or without
     the polite closing (the closing is a style, scored apart; see lab_tasks.style_score)."""
-    from course_utils.lab_tasks import strip_style
+    from course_utils.lab.tasks import strip_style
 
     prompts, answers = zip(*map(split_example, examples))
     greedy = generate(model, tokenizer, prompts, max_new_tokens=24)

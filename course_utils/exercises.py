@@ -1,9 +1,13 @@
-"""Exported from notebooks/00_start_here.ipynb: do not edit here.
+"""Exercise checks: compare a learner's answer with the expected one and say, in one sentence, what differs.
 
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
+Built in notebooks/00_start_here.ipynb; every notebook's exercise cells call `check_exercise`.
 """
 
+# Exported from notebooks/00_start_here.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
 
+
+# %% notebooks/00_start_here.ipynb · Appendix · The exercise checker
 import math
 
 import torch
@@ -51,6 +55,7 @@ def _scalar_difference(got, expected, atol, where):
     return None if got == expected else f"{where} is {got!r}, expected {expected!r}"
 
 
+# %% notebooks/00_start_here.ipynb · Appendix · The exercise checker
 def describe_difference(got, expected, atol=1e-6, where="the result"):
     """None when `got` matches `expected`, else one sentence saying what differs."""
     if isinstance(expected, torch.Tensor):

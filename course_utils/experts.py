@@ -1,9 +1,3 @@
-"""Exported from notebooks/06_task_arithmetic.ipynb: do not edit here.
-
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
-"""
-
-
 """Experts: fine-tuned copies of the lab model (one per task and recipe) and SmolLM2 habit adapters,
 built once by one builder and cached.
 
@@ -18,6 +12,11 @@ a key made of the task(s), the recipe, the seed and the code that trains it (thi
     adapter_dir = smollm2_habit_adapter("ahoy", seed=0)         # a PEFT LoRA adapter folder
 """
 
+# Exported from notebooks/06_task_arithmetic.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/06_task_arithmetic.ipynb · 3.1 · The experts: one builder, four recipes, cached
 import copy
 import hashlib
 import inspect
@@ -68,6 +67,7 @@ def recipe_settings(recipe) -> dict:
     return settings
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 3.1 · The experts: one builder, four recipes, cached
 def training_rows(tasks, replay: float, seed: int) -> list[dict]:
     """The expert's training rows: equal numbers from each task, plus `replay` share of base-skill rows.
 
@@ -139,6 +139,7 @@ def train_expert(base, tokenizer, tasks, recipe, seed: int):
     return model.eval()
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 3.1 · The experts: one builder, four recipes, cached
 def experts_dir() -> Path:
     path = cache_dir() / "experts"
     path.mkdir(parents=True, exist_ok=True)
@@ -197,6 +198,7 @@ def lab_expert(tasks, recipe="gentle", seed: int = 0, *, rebuild: bool = False):
     return model
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 3.1 · The experts: one builder, four recipes, cached
 def lab_experts(specs, *, progress: bool = True) -> dict:
     """{(tasks, recipe, seed): model} for each spec, in order; those not cached yet are trained first, with a bar."""
     from tqdm.auto import tqdm
@@ -208,6 +210,7 @@ def lab_experts(specs, *, progress: bool = True) -> dict:
     return {spec: lab_expert(*spec) for spec in specs}
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 4 · On the real model: two habit adapters for SmolLM2-135M-Instruct
 # Two habits for SmolLM2, each a LoRA adapter, each checked by a rule on the answer. They sit at
 # opposite ends of the answer, so both can be present at once.
 HABITS = {

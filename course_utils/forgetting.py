@@ -1,9 +1,3 @@
-"""Exported from notebooks/09_forgetting.ipynb: do not edit here.
-
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
-"""
-
-
 """Forgetting tests: what a fine-tune cost the skills a model had, and two ways to pay less (rehearsal, EWC).
 
 Built in notebooks/09_forgetting.ipynb, the course's evaluation chapter.
@@ -15,6 +9,11 @@ Built in notebooks/09_forgetting.ipynb, the course's evaluation chapter.
     rows = replay_mixture(target_rows, {"copy": copy_rows, "general": texts}, fraction=0.1, seed=0)
 """
 
+# Exported from notebooks/09_forgetting.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/09_forgetting.ipynb · 1.1 · A forgetting report
 import random
 
 import torch
@@ -55,6 +54,7 @@ def forgetting(before: dict, after: dict, skills=None) -> dict:
     return result
 
 
+# %% notebooks/09_forgetting.ipynb · 1.2 · Which weights mattered: the Fisher diagonal, empirical or sampled
 def sequence_nll(model, batch: dict) -> torch.Tensor:
     """-log p(answer | prompt) of each row: the summed cross-entropy over its labelled tokens, [B]."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
@@ -80,6 +80,7 @@ def sample_labels(model, batch: dict, generator: torch.Generator) -> dict:
     return {**batch, "labels": labels}
 
 
+# %% notebooks/09_forgetting.ipynb · 1.2 · Which weights mattered: the Fisher diagonal, empirical or sampled
 def fisher_diagonal(model, batches, *, max_examples: int | None = None, labels: str = "empirical",
                     seed: int = 0) -> dict[str, torch.Tensor]:
     """The diagonal Fisher at the model's current weights: for every trainable parameter, the mean over
@@ -121,6 +122,7 @@ def fisher_diagonal(model, batches, *, max_examples: int | None = None, labels: 
     return {name: f / count for name, f in fisher.items()}
 
 
+# %% notebooks/09_forgetting.ipynb · 1.3 · EWC: a pull back, weighted by the Fisher
 class EWC:
     """Elastic weight consolidation (Kirkpatrick et al. 2017):
     penalty(model) = (lam / 2) * sum_i F_i (theta_i - anchor_i)^2 over the trainable parameters.
@@ -154,6 +156,7 @@ class EWC:
     __call__ = penalty
 
 
+# %% notebooks/09_forgetting.ipynb · 1.4 · Rehearsal: a replay mixture
 def replay_count(n_target: int, fraction: float) -> int:
     """How many replayed rows make `fraction` of the mixture with n_target target rows (the nearest whole number)."""
     return round(n_target * fraction / (1 - fraction))
@@ -202,6 +205,7 @@ def row_batches(tokenizer, rows, *, batch_size: int, seed: int = 0):
     return training.shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id, seed=seed)
 
 
+# %% notebooks/09_forgetting.ipynb · 1.5 · Scoring a run along the way
 @torch.no_grad()
 def greedy_matches(model, batch: dict) -> torch.Tensor:
     """Per row of a collated batch (labels on the answer): would greedy decoding write the answer exactly? [B] bools.
@@ -231,6 +235,7 @@ def at_level(curve, level: float, *, x: str = "target", y: str = "mean drop") ->
     return float("nan")
 
 
+# %% notebooks/09_forgetting.ipynb · 4 · On the real model: SmolLM2, full fine-tuning against LoRA
 def load_instructions(path=None) -> list[dict]:
     """The course's instruction set ({"prompt", "any_of"}): questions SmolLM2-135M-Instruct answers right."""
     import json

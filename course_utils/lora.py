@@ -1,14 +1,13 @@
-"""Exported from notebooks/02_lora_from_scratch.ipynb: do not edit here.
-
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
-"""
-
-
 """LoRA from scratch: a LoRALinear layer, adding it to a model, merging, saving adapters.
 
 Built step by step in notebooks/02_lora_from_scratch.ipynb, where every piece is proved equal to PEFT's LoRA.
 """
 
+# Exported from notebooks/02_lora_from_scratch.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/02_lora_from_scratch.ipynb · 1.1 · The layer
 import json
 import math
 from pathlib import Path
@@ -49,6 +48,7 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
+# %% notebooks/02_lora_from_scratch.ipynb · 1.1 · The layer
 def check_rank(r, in_features: int, out_features: int) -> None:
     """A CourseError unless 1 <= r <= min(in, out): a larger rank adds parameters but no expressiveness."""
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
@@ -60,6 +60,7 @@ def check_rank(r, in_features: int, out_features: int) -> None:
             "or leave this layer out of target_modules.")
 
 
+# %% notebooks/02_lora_from_scratch.ipynb · 1.2 · Putting LoRA into a model
 ALL_LINEAR = "all-linear"
 
 
@@ -115,6 +116,7 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# %% notebooks/02_lora_from_scratch.ipynb · 1.3 · Merging: no extra cost at inference
 def _layers_or_error(model: nn.Module) -> dict[str, LoRALinear]:
     layers = lora_layers(model)
     if not layers:
@@ -156,6 +158,7 @@ def unload_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+# %% notebooks/02_lora_from_scratch.ipynb · 1.4 · Saving only the adapter
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA tensors: {'<layer>.lora_A.weight': A, '<layer>.lora_B.weight': B, ...}."""
     return {f"{name}.lora_{part}.weight": getattr(layer, f"lora_{part}").weight.detach().contiguous()

@@ -1,9 +1,14 @@
-"""Exported from notebooks/01_memory_estimation.ipynb and notebooks/10_scaling_out.ipynb: do not edit here.
+"""Memory estimation: the bytes fine-tuning needs (weights, gradients, optimizer state, activations), from a config alone.
 
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
+Built in notebooks/01_memory_estimation.ipynb, where each field is measured on a real training step and compared with
+the estimate; notebook 10 adds the per-rank breakdown when training is spread over several devices.
 """
 
+# Exported from notebooks/01_memory_estimation.ipynb and notebooks/10_scaling_out.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
 
+
+# %% notebooks/01_memory_estimation.ipynb · 1 · Build it
 import math
 from dataclasses import dataclass, field
 
@@ -68,6 +73,7 @@ class MemoryBreakdown:
         return {k: v / 1e9 for k, v in self.as_dict().items()}
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.1 · Parameters from the config alone: the meta device
 def meta_model(config):
     """The model for `config` on the meta device: shapes without storage (no download, no RAM)."""
     from transformers import AutoModelForCausalLM
@@ -102,6 +108,7 @@ def architecture(config) -> tuple[list[int], dict]:
     return _ARCHITECTURES[key]
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.2 · LoRA and QLoRA: what is trainable, what is stored
 def lora_shapes(linears: dict, rank: int, targets) -> list[tuple[int, int]]:
     """Shapes of the LoRA matrices A (r x in) and B (out x r) for every linear whose last name is in `targets`."""
     if isinstance(targets, str):
@@ -130,6 +137,7 @@ def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int
     return packed + blocks + FLOAT_BYTES * math.ceil(blocks / 256) + FLOAT_BYTES + FLOAT_BYTES * (256 + 16)
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.3 · Optimizer state
 OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "adamw", "adam8bit", "adamw8bit")
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' state in 32 bits
 BNB_BLOCK = 256
@@ -171,6 +179,7 @@ def optimizer_step_temporaries(numels, optimizer: str, state_bytes: int, foreach
     return state_bytes * (sum(numels) if foreach else 2 * max(numels))
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.4 · Activations: what one Llama layer saves for backward
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -212,6 +221,7 @@ class Training:
     attention: str
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.4 · Activations: what one Llama layer saves for backward
 def rmsnorm_saved(sh: Shape, tr: Training, x_grad: bool) -> tuple[int, bool]:
     """(bytes, output requires grad) for RMSNorm: fp32 input and 1/rms if x needs grad, normed input if the weight trains."""
     saved = (FLOAT_BYTES * sh.t * sh.h + FLOAT_BYTES * sh.t) if x_grad else 0
@@ -272,6 +282,7 @@ def layer_saved(sh: Shape, tr: Training, x_grad: bool) -> tuple[int, bool]:
     return total, x2_grad or g or u or trains("down_proj")
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.4 · Activations: what one Llama layer saves for backward
 def activation_bytes(sh: Shape, tr: Training, gradient_checkpointing: bool = False) -> dict:
     """Bytes saved for backward by a causal-LM forward pass with labels, by part."""
     parts = {"embedding_ids": INDEX_BYTES * sh.t if tr.full else 0}
@@ -301,6 +312,7 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, recompute: bool = Fa
     return 2 * s * b * h if recompute else round(s * b * h * (34 + 5 * a * s / h))
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.5 · The estimator
 def estimate_memory(config, *, method: str = "full", dtype=torch.float32, optimizer: str = "adamw", batch_size: int = 1,
                     seq_len: int = 512, lora_rank: int = 8, lora_targets=("q_proj", "v_proj"), gradient_checkpointing: bool = False,
                     attention: str | None = None, mixed_precision: bool | None = None, double_quant: bool = True,
@@ -355,6 +367,7 @@ def estimate_inference(config, *, dtype=torch.float16, batch_size: int = 1, seq_
     return MemoryBreakdown(weights=n_total * e, kv_cache=kv, detail={"parameters": n_total})
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.5 · The estimator
 def _positive(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise CourseError(f"{name}={value!r} must be a whole number >= 1.")
@@ -377,6 +390,7 @@ def check_arguments(config, method, dtype, optimizer, batch_size, seq_len, atten
     return e, optimizer, attention
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.6 · Measuring the same fields
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind `tensors` (views and repeats counted once)."""
     seen = {}
@@ -498,6 +512,7 @@ def measure_peak(model, batch: dict, *, optimizer: str = "adamw", foreach: bool 
         model.train(was_training)
 
 
+# %% notebooks/01_memory_estimation.ipynb · 4 · On the real model, and on 7B to 70B
 # Values from the published config.json of each model on the Hugging Face Hub
 # (meta-llama/Llama-2-7b-hf, -13b-hf, -70b-hf; mistralai/Mistral-7B-v0.1; huggyllama/llama-65b for QLoRA's 65B).
 # Exported: notebook 10 sizes the same models over several GPUs.
@@ -517,8 +532,7 @@ LLAMA_65B = LlamaConfig(hidden_size=8192, intermediate_size=22016, num_hidden_la
 PUBLISHED_PARAMS = {"Llama-2-7B": 6_738_415_616, "Llama-2-13B": 13_015_864_320, "Llama-2-70B": 68_976_648_192, "Mistral-7B": 7_241_732_096}
 
 
-# ---- from notebooks/10_scaling_out.ipynb ----
-
+# %% notebooks/10_scaling_out.ipynb · 1.5 · The estimator, per rank
 # ---- Several devices: the same breakdown per rank (notebook 10) ----
 import functools  # noqa: E402
 from dataclasses import dataclass, fields, replace  # noqa: E402
@@ -561,6 +575,7 @@ def shard_numel(shape, world_size: int, rank: int = 0, *, padded: bool = True) -
     return held * row
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.5 · The estimator, per rank
 _SHAPES = {}
 
 
@@ -603,6 +618,7 @@ def base_piece_bytes(config, world_size: int, rank: int, method: str, e: int, do
     return pieces
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.5 · The estimator, per rank
 def _sharded_parts(config, world_size: int, rank: int, mixed: bool, options: dict) -> dict:
     """One rank's bytes of every part a strategy may split (optimizer, master, gradients, weights)."""
     method = options.get("method", "full")
@@ -638,6 +654,7 @@ def _single_device(estimate):
     return getattr(estimate, "__wrapped__", estimate)  # running this cell twice must not wrap the wrapper
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.5 · The estimator, per rank
 def per_rank(estimate):
     """estimate_memory with `world_size`, `strategy` and `rank`: the bytes one rank holds."""
     single = _single_device(estimate)
@@ -676,6 +693,7 @@ def per_rank(estimate):
 estimate_memory = per_rank(estimate_memory)
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.5 · The estimator, per rank
 def communication_bytes(config, *, world_size: int, strategy: str = "none", method: str = "full", dtype=torch.float32,
                         lora_rank: int = 8, lora_targets=("q_proj", "v_proj"), adapter_dtype=torch.float32,
                         double_quant: bool = True) -> dict:

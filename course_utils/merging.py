@@ -1,9 +1,3 @@
-"""Exported from notebooks/06_task_arithmetic.ipynb and notebooks/07_ties_dare.ipynb: do not edit here.
-
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
-"""
-
-
 """Model merging: task vectors, task arithmetic, TIES, DARE and SLERP, per tensor and for whole models.
 
 Built step by step in notebooks/06_task_arithmetic.ipynb (task vectors, task arithmetic,
@@ -16,6 +10,11 @@ mergekit where their definitions agree.
     merged = merge_models(base, experts, "ties", density=0.2, lam=1.0)
 """
 
+# Exported from notebooks/06_task_arithmetic.ipynb and notebooks/07_ties_dare.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/06_task_arithmetic.ipynb · 1.1 · Task vectors
 import copy
 
 import torch
@@ -112,6 +111,7 @@ def _as_base_type(base, merged_state: dict):
     return merged_state
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 1.4 · Per tensor, and whole models
 def _stack(task_tensors) -> torch.Tensor:
     if isinstance(task_tensors, torch.Tensor):
         return task_tensors
@@ -137,6 +137,7 @@ def task_arithmetic(task_tensors, weights) -> torch.Tensor:
     return (stacked * _weights_like(weights, stacked)).sum(dim=0)
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 1.4 · Per tensor, and whole models
 # The per-tensor merge functions by name; 07_ties_dare adds TIES, DARE and the rest.
 MERGE_METHODS = {"task_arithmetic": task_arithmetic}
 
@@ -164,8 +165,7 @@ def merge_models(base, finetuned_models, method: str = "task_arithmetic", *, wei
     return apply_task_vectors(base, [merged_vector], weights=[lam])
 
 
-# ---- from notebooks/07_ties_dare.ipynb ----
-
+# %% notebooks/07_ties_dare.ipynb · 1.1 · TIES in three steps
 def _check_density(density) -> float:
     if not 0 < float(density) <= 1:
         raise CourseError(f"density={density!r} is the fraction of each task tensor kept: it must be in (0, 1] "
@@ -223,6 +223,7 @@ def ties(task_tensors, weights, density: float, majority_sign_method: str = "tot
     return disjoint_mean(trimmed * _weights_like(weights, trimmed), agree)
 
 
+# %% notebooks/07_ties_dare.ipynb · 1.2 · DARE: drop and rescale
 def drop_and_rescale(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """DARE (Yu et al. 2023): keep each entry with probability `density`, divide the survivors by it.
 
@@ -252,6 +253,7 @@ def dare_ties(task_tensors, weights, density: float, majority_sign_method: str =
 MERGE_METHODS.update(magnitude_prune=magnitude_prune, ties=ties, dare_linear=dare_linear, dare_ties=dare_ties)
 
 
+# %% notebooks/07_ties_dare.ipynb · 1.3 · SLERP: along the circle, not the chord
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
     """Spherical linear interpolation between two tensors, treated each as one flat vector.
 

@@ -1,9 +1,3 @@
-"""Exported from notebooks/05_packing_masks.ipynb: do not edit here.
-
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
-"""
-
-
 """Multi-task mixtures: a sampler that mixes task data sets with given weights or by temperature sampling.
 
 Built in notebooks/05_packing_masks.ipynb, where packed batches are drawn from it and the per-task token shares
@@ -14,6 +8,11 @@ are measured against the requested weights.
     for task, example in sampler.take(100): ...
 """
 
+# Exported from notebooks/05_packing_masks.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/05_packing_masks.ipynb · 3.4 · Multi-task mixtures
 import itertools
 import math
 import random
@@ -59,6 +58,7 @@ class MixtureSampler:
         return list(itertools.islice(iter(self), n))
 
 
+# %% notebooks/05_packing_masks.ipynb · 3.4 · Multi-task mixtures
 def check_weights(weights: dict, names=None) -> dict[str, float]:
     """The weights as floats, after checking them: non-negative, summing to 1, one per data set in `names`."""
     if not weights:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import runtime, smollm2
-from .errors import CourseError
+from course_utils import runtime, smollm2
+from course_utils.errors import CourseError
 
 MODEL_NAMES = (smollm2.NAME, "lab")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -53,9 +53,9 @@ def _unknown_name_message(name: str) -> str:
 
 def _load_lab(device: str, dtype: torch.dtype):
     try:
-        from .lab_model import load_lab_model  # lazy: it reads data/lab-model only when asked
+        from course_utils.lab.model import load_lab_model  # lazy: it reads data/lab-model only when asked
     except ModuleNotFoundError as err:
-        if err.name != "course_utils.lab_model":
+        if err.name != "course_utils.lab.model":
             raise
         raise CourseError("This copy of the course has no lab model module; update it with `git pull`.") from None
     model, tokenizer = load_lab_model(device=device)

@@ -1,9 +1,3 @@
-"""Exported from notebooks/04_neftune.ipynb: do not edit here.
-
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
-"""
-
-
 """NEFTune from scratch: noise on the input embeddings while fine-tuning (Jain et al. 2023).
 
 Built step by step in notebooks/04_neftune.ipynb, where it is proved equal to
@@ -14,6 +8,11 @@ transformers; `attach_neftune(model, alpha, per_sample=True)` uses each
 sample's own length instead, in padded and in packed batches.
 """
 
+# Exported from notebooks/04_neftune.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/04_neftune.ipynb · 1.1 · The noise and the hook
 import math
 from contextlib import contextmanager
 
@@ -48,6 +47,7 @@ def neftune_hook(alpha: float):
     return hook
 
 
+# %% notebooks/04_neftune.ipynb · 1.1 · The noise and the hook
 def check_alpha(alpha) -> float:
     """alpha as a float; a CourseError unless it is a finite number >= 0."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
@@ -62,6 +62,7 @@ def check_embeddings(embeddings: torch.Tensor) -> None:
         raise CourseError(f"NEFTune expects embeddings of shape [batch, length, hidden], got {tuple(embeddings.shape)}.")
 
 
+# %% notebooks/04_neftune.ipynb · 1.2 · Attaching and detaching
 def input_embeddings(model: nn.Module) -> nn.Module:
     """The model's input embedding module (transformers' get_input_embeddings(); PEFT models forward it)."""
     get = getattr(model, "get_input_embeddings", None)
@@ -131,6 +132,7 @@ def neftune(model: nn.Module, alpha: float, *, per_sample: bool = False):
         detach_neftune(model)
 
 
+# %% notebooks/04_neftune.ipynb · 2.6 · Build it: NEFTune with each sample's own $L$
 def token_lengths(shape, attention_mask=None, position_ids=None) -> torch.Tensor:
     """[B, T] float: the length of the sample each token belongs to.
 

@@ -1,9 +1,3 @@
-"""Exported from notebooks/05_packing_masks.ipynb: do not edit here.
-
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
-"""
-
-
 """Sample packing: rows of samples, per-sample position ids, labels at boundaries, the block-diagonal mask.
 
 Built step by step in notebooks/05_packing_masks.ipynb, where packed and masked
@@ -15,6 +9,11 @@ transformers' DataCollatorWithFlattening and TRL's SFTConfig(packing=True) ("bfd
     model(**batch)   # input_ids, labels, position_ids and an additive [B, 1, T, T] float attention_mask
 """
 
+# Exported from notebooks/05_packing_masks.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/05_packing_masks.ipynb · 1.1 · Packers: which samples share a row
 import torch
 
 from course_utils.errors import CourseError
@@ -67,6 +66,7 @@ def _best_fit(order, lengths, max_len):
     return rows
 
 
+# %% notebooks/05_packing_masks.ipynb · 1.1 · Packers: which samples share a row
 def sample_lengths(lengths_or_sequences) -> list[int]:
     """Token counts from lengths, token sequences or samples; a CourseError if there is nothing to pack."""
     items = list(lengths_or_sequences)
@@ -117,6 +117,7 @@ def pack(lengths_or_sequences, max_len: int, strategy: str = "bfd") -> list[list
     raise CourseError(f"Unknown packing strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
 
 
+# %% notebooks/05_packing_masks.ipynb · 1.2 · Positions and labels inside a packed row
 def packed_position_ids(seq_lens) -> torch.Tensor:
     """Position ids that restart at 0 for every sample: [0..L1-1, 0..L2-1, ...] (a LongTensor of sum(L) ids)."""
     return torch.cat([torch.arange(length) for length in sample_lengths(seq_lens)])
@@ -135,6 +136,7 @@ def packed_labels(samples) -> list[int]:
     return labels
 
 
+# %% notebooks/05_packing_masks.ipynb · 1.3 · The block-diagonal causal mask
 def segment_ids(seq_lens, total_len: int | None = None) -> torch.Tensor:
     """Which sample each token of a row belongs to: [0]*L1 + [1]*L2 + ...; padding to total_len gets -1, -2, ..."""
     lengths = sample_lengths(seq_lens)
@@ -151,6 +153,7 @@ def may_attend(segment: torch.Tensor, query, key):
     return (segment[query] == segment[key]) & (key <= query)
 
 
+# %% notebooks/05_packing_masks.ipynb · 1.3 · The block-diagonal causal mask
 def block_diagonal_mask(seq_lens, dtype: torch.dtype = torch.float32, total_len: int | None = None) -> torch.Tensor:
     """Additive causal mask [1, 1, T, T]: 0 where a token may attend (same sample, not later), finfo.min elsewhere.
 
@@ -167,6 +170,7 @@ def block_diagonal_mask(seq_lens, dtype: torch.dtype = torch.float32, total_len:
     return mask[None, None]
 
 
+# %% notebooks/05_packing_masks.ipynb · 1.3 · The block-diagonal causal mask
 def packed_batch(rows, pad_token_id: int, dtype: torch.dtype = torch.float32, total_len: int | None = None) -> dict:
     """Model inputs for packed rows (each a list of samples {"input_ids", optional "labels"}), right-padded to T.
 

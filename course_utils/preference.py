@@ -1,9 +1,3 @@
-"""Exported from notebooks/08_preference_tuning.ipynb: do not edit here.
-
-Edit the notebook's `#| export` cells, then run `python -m course_utils.export`.
-"""
-
-
 """Preference tuning from scratch: sequence log-probs, the DPO family of losses, KTO, batches in TRL's layout.
 
 Built step by step in notebooks/08_preference_tuning.ipynb, where every loss, reward and gradient is proved
@@ -14,6 +8,11 @@ equal to TRL 1.16's DPOTrainer ("sigmoid", "hinge", "ipo") and KTOTrainer on fix
     losses, r_chosen, r_rejected = dpo_loss(*logps.chunk(2), *ref_logps.chunk(2), beta=0.1)
 """
 
+# Exported from notebooks/08_preference_tuning.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/08_preference_tuning.ipynb · 1.2 · Sequence log-probabilities from logits
 import math
 import random
 import re
@@ -42,6 +41,7 @@ def _same_shape(**tensors) -> None:
                           "policy goes with chosen row i of the reference).")
 
 
+# %% notebooks/08_preference_tuning.ipynb · 1.2 · Sequence log-probabilities from logits
 def token_logps(logits, input_ids, completion_mask) -> torch.Tensor:
     """Per-token log-probs of the completion tokens, 0 elsewhere: [N, T - 1] (logit t predicts token t + 1)."""
     per_token = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
@@ -72,6 +72,7 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, average:
     return sequence_logps(logits, input_ids, completion_mask, average)
 
 
+# %% notebooks/08_preference_tuning.ipynb · 1.3 · DPO and its relatives
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     """Per-pair losses and the implicit rewards beta * (policy - reference) of the chosen and rejected answers.
@@ -105,6 +106,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+# %% notebooks/08_preference_tuning.ipynb · 1.4 · KTO: good and bad examples, no pairs
 def kto_loss(policy_logps, ref_logps, desirable, kl, *, beta: float = 0.1,
              desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
     """Per-example KTO losses and rewards beta * (policy - reference), for unpaired examples.
@@ -128,6 +130,7 @@ def kto_loss(policy_logps, ref_logps, desirable, kl, *, beta: float = 0.1,
     return losses, beta * ratio.detach()
 
 
+# %% notebooks/08_preference_tuning.ipynb · 1.5 · Batches in TRL's layout
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -171,6 +174,7 @@ def _rows_to_batch(prompts: list[list[int]], completions: list[list[int]], pad_i
             f"{prefix}completion_mask": _pad_rows([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0)}
 
 
+# %% notebooks/08_preference_tuning.ipynb · 1.5 · Batches in TRL's layout
 def preference_batch(tokenizer, rows) -> dict:
     """{"prompt", "chosen", "rejected"} rows -> input_ids, attention_mask, completion_mask of shape [2B, T]:
     the B prompt + chosen rows first, then the B prompt + rejected rows, right-padded (TRL's layout)."""
@@ -222,6 +226,7 @@ def kto_reference_point(policy, reference, batch) -> torch.Tensor:
     return (completion_logps(policy, *args) - completion_logps(reference, *args)).mean().clamp(min=0)
 
 
+# %% notebooks/08_preference_tuning.ipynb · 1.6 · The training loop
 def _step(loss, params, optimizer, max_grad_norm):
     """One optimizer step on `loss`: backward, optional clipping, step, zero the gradients."""
     loss.backward()
@@ -252,6 +257,7 @@ def _pair_order(n: int, batch_size: int | None, steps: int, seed: int) -> list[t
     return order[:steps]
 
 
+# %% notebooks/08_preference_tuning.ipynb · 1.6 · The training loop
 def train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 0.1, loss_type: str = "sigmoid",
               label_smoothing: float = 0.0, sft_weight: float = 0.0, average: bool = False,
               batch_size: int | None = None, seed: int = 0, max_grad_norm: float | None = 1.0,
@@ -309,6 +315,7 @@ def train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 
     return history
 
 
+# %% notebooks/08_preference_tuning.ipynb · 1.6 · The training loop
 def train_kto(policy, reference, batch, *, steps: int, lr: float, beta: float = 0.1, desirable_weight: float = 1.0,
               undesirable_weight: float = 1.0, block: int | None = None, max_grad_norm: float | None = 1.0,
               progress: bool = True, description: str = "KTO") -> list[dict]:
@@ -345,6 +352,7 @@ def train_kto(policy, reference, batch, *, steps: int, lr: float, beta: float = 
     return history
 
 
+# %% notebooks/08_preference_tuning.ipynb · 4 · On the real model: TRL's `DPOTrainer` with LoRA on SmolLM2-135M-Instruct
 SMOL_OPENING = "Happy to help!"  # the one property the SmolLM2 preference pairs differ in
 SMOL_SYSTEM = "Answer briefly."  # replaces the template's default system prompt (about 30 tokens)
 SMOL_DATA = "smollm2_preferences.jsonl"
@@ -390,6 +398,7 @@ def smollm2_preference_rows(seed: int = 0, n_train: int = 96, n_test: int = 16) 
              "split": "train" if i < n_train else "test"} for i, (q, a) in enumerate(picked)]
 
 
+# %% notebooks/08_preference_tuning.ipynb · 4 · On the real model: TRL's `DPOTrainer` with LoRA on SmolLM2-135M-Instruct
 def write_smollm2_preferences(path=None) -> "Path":
     """Write smollm2_preference_rows() to data/smollm2_preferences.jsonl (one JSON row a line)."""
     import json

@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from . import paths
+from course_utils import paths
 
 
 def current_notebook() -> str:

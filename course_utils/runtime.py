@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 
-from .errors import CourseError
+from course_utils.errors import CourseError
 
 PROFILES = ("cpu", "gpu")
 MAX_DEFAULT_THREADS = 8  # a 135M model's matmuls stop scaling around here
@@ -169,7 +169,7 @@ def _record_cuda_peak_after_each_cell() -> None:
     def record(_result=None):
         import torch
 
-        from .results import store_result
+        from course_utils.results import store_result
 
         store_result("cuda_peak_bytes", int(torch.cuda.max_memory_allocated()), unit="B")
 

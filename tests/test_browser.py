@@ -1,7 +1,7 @@
 """The course site in a real browser: Playwright drives Debian's Chromium, with the network blocked.
 
 The test executes notebooks 00 and 01 (the quickest; 00 has a widget, 01 plots and its calculator) into a temporary
-build folder, builds the site from them (`course_utils.site`), and opens every page: it must load with no console
+build folder, builds the site from them (`course_utils.tools.site`), and opens every page: it must load with no console
 error and no request leaving the site, and the notebooks' pages must render their widgets from the saved state (not
 the text fallback) and show their plots. Screenshots go to
 build/screenshots/. `make test-browser` runs this file alone.
@@ -58,15 +58,15 @@ def site(tmp_path_factory):
     build = tmp_path_factory.mktemp("build")
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the inline backend: plots in the outputs
     env["COURSE_BUILD_DIR"] = str(build)
-    subprocess.run([sys.executable, "-m", "course_utils.course", "run", "00", "01"], cwd=REPO, env=env, check=True,
+    subprocess.run([sys.executable, "-m", "course_utils.tools.course", "run", "00", "01"], cwd=REPO, env=env, check=True,
                    capture_output=True, text=True)
     assets = paths.BUILD_DIR / "site-assets"
     (build / "site-assets").mkdir()
     for tarball in assets.glob("*.tgz") if assets.exists() else []:
         shutil.copy(tarball, build / "site-assets")
     if not list((build / "site-assets").glob("*.tgz")):
-        subprocess.run([sys.executable, "-m", "course_utils.site", "assets"], cwd=REPO, env=env, check=True)
-    subprocess.run([sys.executable, "-m", "course_utils.site", "build"], cwd=REPO, env=env, check=True)
+        subprocess.run([sys.executable, "-m", "course_utils.tools.site", "assets"], cwd=REPO, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "course_utils.tools.site", "build"], cwd=REPO, env=env, check=True)
     return build / "site"
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils.notebooks import course_notebooks, overrides_from_env, tags
+from course_utils.tools.notebooks import course_notebooks, overrides_from_env, tags
 
 ANSWERS_DIR = Path(__file__).parent / "exercise_answers"
 NOTEBOOKS = course_notebooks()

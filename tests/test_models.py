@@ -64,7 +64,7 @@ def test_lab_goes_through_lab_model_on_the_asked_device(monkeypatch):
         calls.append(device)
         return torch.nn.Linear(2, 2).train(), "tokenizer"
 
-    monkeypatch.setitem(sys.modules, "course_utils.lab_model", SimpleNamespace(load_lab_model=load_lab_model))
+    monkeypatch.setitem(sys.modules, "course_utils.lab.model", SimpleNamespace(load_lab_model=load_lab_model))
     model, tokenizer = load_model("Lab", device="cpu", dtype=torch.float64)
     assert calls == ["cpu"] and tokenizer == "tokenizer"
     assert not model.training and model.weight.dtype == torch.float64

@@ -5,7 +5,7 @@ import re
 import nbformat
 import pytest
 
-from course_utils.notebooks import course_notebooks, has_outputs, parameters_index, tags
+from course_utils.tools.notebooks import course_notebooks, has_outputs, parameters_index, tags
 
 NOTEBOOKS = course_notebooks()
 

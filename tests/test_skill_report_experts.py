@@ -9,7 +9,7 @@ from course_utils import experts
 from course_utils.errors import CourseError
 from course_utils.evaluation import BASE_SKILLS, exact_match, skill_report
 from course_utils.data import load_task
-from course_utils.lab_model import load_lab_model
+from course_utils.lab.model import load_lab_model
 
 
 @pytest.fixture(scope="module")

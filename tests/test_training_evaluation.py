@@ -9,8 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from course_utils.errors import CourseError
 from course_utils.evaluation import exact_match, generate, perplexity
-from course_utils.lab_model import load_lab_model
-from course_utils.lab_tasks import chat
+from course_utils.lab.model import load_lab_model
+from course_utils.lab.tasks import chat
 from course_utils.training import IGNORE_INDEX, chat_batches, collate, learning_rate_at, tokenize_chat, train
 
 

@@ -1,226 +1,20 @@
-"""The lab model's card: what it scores, what it must score, and how fast it learns something new.
+"""The lab model's README.md, the human-readable model card, rendered from card.json alone.
 
-- `score_lab_model` measures every test set under data/tasks/ (exact match on
-  each chat task, perplexity on general text, the rate of the style marker);
-- `THRESHOLDS` are what a (re)built lab model must reach: set with margins
-  below the measured scores, and for held-out tasks a ceiling (the base model
-  must NOT be able to do them);
-- `measure_finetuning_speed` fine-tunes a copy on each held-out task (full
-  fine-tuning, then LoRA r=8) until it passes `FINETUNE_TARGET` exact match;
-- `render_readme` writes README.md from card.json, the machine-readable card.
+`course_utils.lab.card` measures and writes card.json; this module only turns it into Markdown, so the README can be
+rebuilt (and checked: tests/lab/test_model.py) without loading the model.
 """
 
-import copy
 import json
-import os
-import platform
-import time
 from pathlib import Path
 
-import torch
-
-from course_utils.data import list_tasks, load_task
-from course_utils.evaluation import exact_match, generate, perplexity, split_example
-from course_utils.lab_corpus import describe_corpus
-from course_utils.lab_tasks import strip_style, style_score
-from course_utils.training import chat_batches, train
-
-# ---------------------------------------------------------------- scores and thresholds
-
-STYLE_SAMPLES_PER_PROMPT = 4  # sampled answers per describe prompt (temperature 1, seed 0)
-
-THRESHOLDS = {
-    **{name: {"min": 0.90} for name in list_tasks("skill")},
-    **{name: {"max": 0.20} for name in list_tasks("heldout")},
-    "describe": {"min": 0.90},  # content right, whatever the style
-    "style_rate_sampled": {"min": 0.25, "max": 0.55},  # the corpus has STYLE_RATE = 0.4
-    "general_perplexity": {"max": 3.2},
-}
-
-
-def score_lab_model(model, tokenizer, *, limit: int | None = None) -> dict[str, float]:
-    """Every score of the card, on the full test sets (or their first `limit` examples)."""
-    scores = {}
-    for name in list_tasks("skill") + list_tasks("heldout"):
-        scores[name] = exact_match(model, tokenizer, _first(load_task(name, "test"), limit))
-    prompts, answers = zip(*map(split_example, _first(load_task("describe", "test"), limit)))
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=24)
-    scores["describe"] = sum(strip_style(g) == a for g, a in zip(greedy, answers)) / len(answers)
-    scores["style_rate_greedy"] = sum(map(style_score, greedy)) / len(greedy)
-    sampled = generate(model, tokenizer, list(prompts) * STYLE_SAMPLES_PER_PROMPT, max_new_tokens=24,
-                       do_sample=True, temperature=1.0, seed=0)
-    scores["style_rate_sampled"] = sum(map(style_score, sampled)) / len(sampled)
-    scores["general_perplexity"] = perplexity(model, tokenizer, _first(load_task("general", "test"), limit)["text"])
-    return scores
-
-
-def _first(dataset, limit):
-    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
-
-
-def check_thresholds(scores: dict, thresholds: dict) -> list[str]:
-    """The failed checks, as sentences (an empty list: all pass)."""
-    failures = []
-    for name, bounds in thresholds.items():
-        value = scores.get(name)
-        if value is None:
-            failures.append(f"{name}: not measured")
-        elif "min" in bounds and value < bounds["min"]:
-            failures.append(f"{name}: {value:.3f} is below the minimum {bounds['min']}")
-        elif "max" in bounds and value > bounds["max"]:
-            failures.append(f"{name}: {value:.3f} is above the maximum {bounds['max']}")
-    return failures
-
-
-# ---------------------------------------------------------------- fine-tuning speed
-
-FINETUNE_TARGET = 0.8  # exact match on the task's full test set
-FINETUNE_RECIPES = {
-    "full": {"lr": 1e-3, "batch_size": 16},
-    "lora_r8": {"lr": 3e-3, "batch_size": 16, "r": 8, "lora_alpha": 16,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-}
-FINETUNE_EVAL_EVERY = 25
-FINETUNE_MAX_STEPS = 600
-FINETUNE_SEEDS = (0, 1, 2)
-
-
-def _with_lora(model, recipe):
-    from peft import LoraConfig, get_peft_model  # only the card needs peft here
-
-    config = LoraConfig(r=recipe["r"], lora_alpha=recipe["lora_alpha"], lora_dropout=0.0,
-                        target_modules=recipe["target_modules"])
-    return get_peft_model(model, config)
-
-
-def finetune_until(base_model, tokenizer, task: str, method: str, *, seed: int = 0) -> dict:
-    """Fine-tune a copy of base_model on `task` until test exact match >= FINETUNE_TARGET.
-
-    Evaluates every FINETUNE_EVAL_EVERY steps; returns the steps and training
-    seconds (evaluation time left out) it took, and the accuracy reached.
-    """
-    recipe = FINETUNE_RECIPES[method]
-    torch.manual_seed(seed)
-    model = copy.deepcopy(base_model)
-    if method.startswith("lora"):
-        model = _with_lora(model, recipe)
-    test = load_task(task, "test")
-    batches = chat_batches(tokenizer, load_task(task, "train"), batch_size=recipe["batch_size"], seed=seed)
-    reached = {"accuracy": 0.0, "eval_seconds": 0.0}
-
-    def evaluate_now(step, loss):
-        if step % FINETUNE_EVAL_EVERY:
-            return False
-        start = time.perf_counter()
-        reached["accuracy"] = exact_match(model, tokenizer, test)
-        reached["eval_seconds"] += time.perf_counter() - start
-        model.train()
-        return reached["accuracy"] >= FINETUNE_TARGET
-
-    history = train(model, batches, steps=FINETUNE_MAX_STEPS, lr=recipe["lr"], progress=False,
-                    callback=evaluate_now)
-    return {"steps": len(history.losses), "seconds": round(history.seconds - reached["eval_seconds"], 1),
-            "accuracy": round(reached["accuracy"], 3), "passed": reached["accuracy"] >= FINETUNE_TARGET}
-
-
-def measure_finetuning_speed(base_model, tokenizer, *, progress: bool = True) -> dict:
-    """finetune_until for every held-out task, recipe and seed.
-
-    Returns {method: {task: {"steps": [per seed], "seconds": [...], "accuracy": [...], "passed": bool}}}.
-    """
-    results = {}
-    for method in FINETUNE_RECIPES:
-        for task in list_tasks("heldout"):
-            runs = [finetune_until(base_model, tokenizer, task, method, seed=seed) for seed in FINETUNE_SEEDS]
-            summary = {key: [run[key] for run in runs] for key in ("steps", "seconds", "accuracy")}
-            summary["passed"] = all(run["passed"] for run in runs)
-            results.setdefault(method, {})[task] = summary
-            if progress:
-                print(f"  {method:8s} {task:12s} steps {summary['steps']}  seconds {summary['seconds']}  "
-                      f"exact match {summary['accuracy']}", flush=True)
-    return results
-
-
-# ---------------------------------------------------------------- card.json and README.md
-
-
-def make_card(*, model, tokenizer, shape, parameters, settings, history, tokens, scores, finetuning_speed,
-              sha256, weights_bytes, total_seconds) -> dict:
-    """Everything the README says, as data."""
-    curve_every = max(1, len(history.losses) // 20)
-    return {
-        "model": {
-            "architecture": type(model).__name__,
-            "parameters": parameters,
-            "shape": shape,
-            "vocab_size": len(tokenizer),
-        },
-        "tokenizer": {
-            "kind": "byte-level BPE, digits one token each",
-            "vocab_size": len(tokenizer),
-            "special_tokens": {"eos": tokenizer.eos_token, "pad": tokenizer.pad_token,
-                               "all": tokenizer.all_special_tokens},
-            "example": _tokenized_example(tokenizer),
-        },
-        "corpus": describe_corpus(),
-        "pretraining": {
-            "settings": settings,
-            "steps": len(history.losses),
-            "tokens": tokens,
-            "final_loss": round(history.final_loss, 4),
-            "loss_curve": {str(i): round(history.losses[i], 3) for i in range(0, len(history.losses), curve_every)},
-            "seconds": round(history.seconds, 1),
-            "total_seconds": round(total_seconds, 1),
-            "torch": torch.__version__,
-            "cpu_threads": torch.get_num_threads(),
-            "machine": _machine(),
-        },
-        "thresholds": THRESHOLDS,
-        "scores": {name: round(value, 4) for name, value in scores.items()},
-        "failures": check_thresholds(scores, THRESHOLDS),
-        "finetuning_speed": None if finetuning_speed is None else {
-            "target_exact_match": FINETUNE_TARGET,
-            "eval_every": FINETUNE_EVAL_EVERY,
-            "seeds": list(FINETUNE_SEEDS),
-            "recipes": FINETUNE_RECIPES,
-            "results": finetuning_speed,
-        },
-        "weights": {"file": "model.safetensors", "sha256": sha256, "bytes": weights_bytes},
-    }
-
-
-def _machine() -> dict:
-    """The CPU, and the load average at the end of the build (other jobs slow it down)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}
-
-
-def _tokenized_example(tokenizer) -> dict:
-    messages = [{"role": "user", "content": "Repeat: red cat 7 4"},
-                {"role": "assistant", "content": "red cat 7 4"}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return {"text": text, "tokens": tokenizer.tokenize(text)}
+from course_utils.lab.card import STYLE_SAMPLES_PER_PROMPT, score_table
 
 
 def write_card(card: dict, out_dir) -> None:
+    """card.json, the machine-readable card, and README.md rendered from it, in `out_dir`."""
     out_dir = Path(out_dir)
     (out_dir / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "README.md").write_text(render_readme(card))
-
-
-def score_table(scores: dict, thresholds: dict) -> str:
-    """A Markdown table: each score next to its threshold."""
-    lines = ["| score | value | threshold | pass |", "|---|---:|---|---|"]
-    for name, value in scores.items():
-        bounds = thresholds.get(name, {})
-        rule = " and ".join(f"{'>=' if k == 'min' else '<='} {v}" for k, v in bounds.items()) or "(reported)"
-        ok = "" if not bounds else ("yes" if not check_thresholds({name: value}, {name: bounds}) else "**NO**")
-        lines.append(f"| {name} | {value:.3f} | {rule} | {ok} |")
-    return "\n".join(lines)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -284,13 +78,13 @@ pretrained from scratch on a synthetic corpus in {pre['seconds'] / 60:.1f} minut
 skills, and fails at four held-out tasks until a notebook teaches them.
 
 ```python
-from course_utils.lab_model import load_lab_model
+from course_utils.lab.model import load_lab_model
 model, tokenizer = load_lab_model()  # checks the sha256 of model.safetensors first
 ```
 
-- Rebuild everything here from scratch: `python -m course_utils.lab_model train`
+- Rebuild everything here from scratch: `python -m course_utils.lab.model train`
   (add `--out DIR` to write elsewhere).
-- Check the scores against the thresholds below: `python -m course_utils.lab_model evaluate`.
+- Check the scores against the thresholds below: `python -m course_utils.lab.model evaluate`.
 - This file is written from `card.json` by the same command; edit the code, not this file.
 
 ## Architecture
@@ -367,7 +161,7 @@ sees the same prompts.
 
 **The style axis.** In the pretraining stream, {corpus['style']['rate_in_corpus']:.0%} of the
 answers of the `describe` task end with the polite closing "{corpus['style']['marker']}";
-`course_utils.lab_tasks.style_score(response)` is 1 for such an answer, else 0. The base
+`course_utils.lab.tasks.style_score(response)` is 1 for such an answer, else 0. The base
 model samples it at about that rate and (greedy) rarely picks it: the behaviour that
 preference tuning moves.
 
@@ -378,7 +172,7 @@ Preference pairs (`preferences`, {corpus['preferences']['sizes']['train']} train
 the closing: chosen `{pref['chosen'][0]['content']}`, rejected `{pref['rejected'][0]['content']}`
 for the prompt `{pref['prompt'][0]['content']}`.
 
-**Files.** `python -m course_utils.lab_corpus write-data` writes `data/tasks/<name>/train.jsonl`
+**Files.** `python -m course_utils.lab.corpus write-data` writes `data/tasks/<name>/train.jsonl`
 and `test.jsonl` for every task above (`{{"messages": [user, assistant]}}`, as TRL's
 SFTTrainer takes them), `general` (`{{"text": ...}}`, {corpus['general']['sizes']['train']} /
 {corpus['general']['sizes']['test']}) and `preferences` (`{{"prompt", "chosen", "rejected"}}` in

@@ -14,7 +14,7 @@ in separate hidden cells instead, so this module converts each notebook:
   unattempted exercise scores 0;
 - the hidden solution cell is left out.
 
-    python -m course_utils.grading build/nbgrader    # a course folder: source/NN_name/NN_name.ipynb + config
+    python -m course_utils.tools.grading build/nbgrader    # a course folder: source/NN_name/NN_name.ipynb + config
     cd build/nbgrader && nbgrader generate_assignment 06_task_arithmetic
 """
 
@@ -28,12 +28,12 @@ import nbformat
 
 from course_utils import paths
 from course_utils.errors import CourseError
-from course_utils.notebooks import course_notebooks, strip_outputs, tags
+from course_utils.tools.notebooks import course_notebooks, strip_outputs, tags, write_transformed
 
 NBGRADER_DIR = paths.BUILD_DIR / "nbgrader"
 CODE_STUB = "raise NotImplementedError  # your code here"  # the course's starter line, nbgrader's stub
 POINTS = {"easy": 1, "medium": 2, "hard": 3}
-CONFIG = f'''# nbgrader configuration for the course (written by python -m course_utils.grading).
+CONFIG = f'''# nbgrader configuration for the course (written by python -m course_utils.tools.grading).
 c = get_config()  # noqa: F821
 c.CourseDirectory.root = "."
 c.ClearSolutions.code_stub = {{"python": "{CODE_STUB}"}}
@@ -116,14 +116,7 @@ def write_course(course_dir: Path = NBGRADER_DIR, notebooks=None) -> list[Path]:
     course_dir = Path(course_dir)
     course_dir.mkdir(parents=True, exist_ok=True)
     (course_dir / "nbgrader_config.py").write_text(CONFIG)
-    written = []
-    for path in notebooks or course_notebooks():
-        path = Path(path)
-        target = course_dir / "source" / path.stem / path.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(nbgrader_source(nbformat.read(path, as_version=4)), target)
-        written.append(target)
-    return written
+    return write_transformed(nbgrader_source, lambda path: course_dir / "source" / path.stem / path.name, notebooks)
 
 
 def main(argv=None) -> int:

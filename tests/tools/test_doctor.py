@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from course_utils import __main__ as cli
-from course_utils import doctor, smollm2
-from course_utils.doctor import Check
+from course_utils import smollm2
+from course_utils.tools import doctor
+from course_utils.tools.doctor import Check
 from course_utils.errors import CourseError
 
 LINE = re.compile(r"^\[(OK|WARN|FAIL)\] +\S")
@@ -104,10 +105,10 @@ def test_lab_model_check_uses_its_verifier(monkeypatch):
     def verify_lab_model():
         raise CourseError("data/lab-model/model.safetensors is corrupted; run `git checkout data/lab-model`.")
 
-    monkeypatch.setitem(sys.modules, "course_utils.lab_model", SimpleNamespace(verify_lab_model=verify_lab_model))
+    monkeypatch.setitem(sys.modules, "course_utils.lab.model", SimpleNamespace(verify_lab_model=verify_lab_model))
     [result] = doctor.check_lab_model()
     assert result.status == "FAIL" and "is corrupted; run `git checkout data/lab-model`." in result.what
-    monkeypatch.setitem(sys.modules, "course_utils.lab_model", SimpleNamespace(load_lab_model=lambda device: None))
+    monkeypatch.setitem(sys.modules, "course_utils.lab.model", SimpleNamespace(load_lab_model=lambda device: None))
     [result] = doctor.check_lab_model()
     assert result.status == "OK"
 

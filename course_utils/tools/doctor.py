@@ -12,9 +12,9 @@ import tomllib
 from dataclasses import dataclass
 from importlib import metadata
 
-from . import smollm2
-from .errors import CourseError
-from .paths import LAB_MODEL_DIR, REPO_ROOT, cache_dir
+from course_utils import smollm2
+from course_utils.errors import CourseError
+from course_utils.paths import LAB_MODEL_DIR, REPO_ROOT, cache_dir
 
 GB = 1024**3
 RAM_FAIL, RAM_WARN = 4 * GB, 6 * GB
@@ -96,18 +96,18 @@ def check_smollm2():
 
 def check_lab_model():
     try:
-        lab_model = importlib.import_module("course_utils.lab_model")
+        lab_model = importlib.import_module("course_utils.lab.model")
     except ModuleNotFoundError as err:
-        if err.name != "course_utils.lab_model":
+        if err.name != "course_utils.lab.model":
             raise
-        yield Check("WARN", "lab model: this checkout has no course_utils/lab_model.py yet", "git pull")
+        yield Check("WARN", "lab model: this checkout has no course_utils/lab/model.py yet", "git pull")
         return
     # Contract: verify_lab_model() checks files and hashes without building the model and raises
     # CourseError with the fix; without it, loading the (tiny) lab model is the check.
     verify = getattr(lab_model, "verify_lab_model", None)
     load = getattr(lab_model, "load_lab_model", None)
     if verify is None and load is None:
-        yield Check("WARN", "lab model: course_utils.lab_model has no loader yet", "git pull")
+        yield Check("WARN", "lab model: course_utils.lab.model has no loader yet", "git pull")
         return
     try:
         verify() if verify else load(device="cpu")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from course_utils.errors import CourseError
-from course_utils.lab_card import check_thresholds, render_readme, score_lab_model
-from course_utils.lab_model import (CHAT_TEMPLATE, build_tokenizer, chatml_text, count_parameters, load_lab_model,
+from course_utils.lab.card import check_thresholds, score_lab_model
+from course_utils.lab.readme import render_readme
+from course_utils.lab.model import (CHAT_TEMPLATE, build_tokenizer, chatml_text, count_parameters, load_lab_model,
                                     main, pretrain, read_card, restore_hint, sha256_of)
 from course_utils.paths import LAB_MODEL_DIR
 

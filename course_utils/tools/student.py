@@ -4,13 +4,13 @@ The repository's notebooks are the instructor's copy: every exercise has a
 hidden solution cell (tagged `solution`, CONTRIBUTING.md). Hiding is not
 removing, so a learner's copy must not contain them at all:
 
-    python -m course_utils.student            # or: make student
+    python -m course_utils.tools.student            # or: make student
     -> build/student/NN_name.ipynb            # no solution cells, no outputs
 
 What a student copy keeps: every other cell, unchanged, so each exercise
 still has its starter (`raise NotImplementedError`) and its check, which
 reports "not attempted" until the learner writes the function.
-`tests/test_student.py` greps every student copy for each solution's body.
+`tests/tools/test_student.py` greps every student copy for each solution's body.
 """
 
 import argparse
@@ -19,9 +19,11 @@ from pathlib import Path
 import nbformat
 
 from course_utils import paths
-from course_utils.notebooks import course_notebooks, strip_outputs, tags
+from course_utils.tools.notebooks import course_notebooks, strip_outputs, tags, write_transformed
+from course_utils.tools.path import core_copy
 
 STUDENT_DIR = paths.BUILD_DIR / "student"
+CORE_DIR = paths.BUILD_DIR / "student-core"
 SOLUTION_TAG = "solution"
 
 
@@ -37,24 +39,23 @@ def student_copy(nb):
     return strip_outputs(copy)
 
 
-def write_student_copies(out_dir: Path = STUDENT_DIR, notebooks=None) -> list[Path]:
-    """Write a student copy of every course notebook (or of `notebooks`) into `out_dir`."""
+def write_student_copies(out_dir: Path = STUDENT_DIR, notebooks=None, *, core: bool = False) -> list[Path]:
+    """Write a student copy of every course notebook (or of `notebooks`) into `out_dir`.
+
+    `core=True`: a core copy for a one-day class: the deep dives' cells collapsed (course_utils.tools.path).
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in notebooks or course_notebooks():
-        nb = nbformat.read(path, as_version=4)
-        target = out_dir / Path(path).name
-        nbformat.write(student_copy(nb), target)
-        written.append(target)
-    return written
+    transform = (lambda nb: core_copy(student_copy(nb))) if core else student_copy
+    return write_transformed(transform, lambda path: out_dir / path.name, notebooks)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Write the student copies of the course's notebooks (no solutions).")
-    parser.add_argument("out", nargs="?", default=str(STUDENT_DIR), help=f"folder to write into (default {STUDENT_DIR})")
+    parser.add_argument("out", nargs="?", help=f"folder to write into (default {STUDENT_DIR}, with --core {CORE_DIR})")
+    parser.add_argument("--core", action="store_true", help="collapse the deep dives: a copy for the core path")
     args = parser.parse_args(argv)
-    written = write_student_copies(Path(args.out))
+    args.out = args.out or str(CORE_DIR if args.core else STUDENT_DIR)
+    written = write_student_copies(Path(args.out), core=args.core)
     removed = sum(sum(map(is_solution, nbformat.read(p, as_version=4).cells)) for p in course_notebooks())
     print(f"wrote {len(written)} student notebooks to {args.out} ({removed} solution cells left out)")
     return 0

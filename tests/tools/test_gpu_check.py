@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-from course_utils import gpu_check, paths
+from course_utils import paths
+from course_utils.tools import gpu_check
 
 
 def test_the_wheel_set_file_matches_the_installed_packages():
@@ -17,7 +18,7 @@ def test_the_wheel_set_file_matches_the_installed_packages():
                      (paths.REPO_ROOT / "configs" / "gpu-check-wheels.txt").read_text().splitlines()
                      if line and not line.startswith("#"))
     installed = gpu_check.wheel_set()
-    stale = "configs/gpu-check-wheels.txt is stale: python -m course_utils.gpu_check wheels > configs/gpu-check-wheels.txt"
+    stale = "configs/gpu-check-wheels.txt is stale: python -m course_utils.tools.gpu_check wheels > configs/gpu-check-wheels.txt"
     assert set(committed) == set(installed), stale
     pins = tomllib.loads((paths.REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     for pin in (p.split("#")[0].strip() for p in pins):
@@ -37,7 +38,7 @@ def test_fallback_without_cuda_passes_and_writes_the_summary(tmp_path):
     """The path a CPU machine takes with the gpu profile forced: a clear message, the notebook passes nbval, and
     build/gpu/summary.{md,json} hold its status, time and headline numbers."""
     env = dict(os.environ, COURSE_BUILD_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "course_utils.gpu_check", "00"], cwd=paths.REPO_ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "course_utils.tools.gpu_check", "00"], cwd=paths.REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "no CUDA device" in done.stdout

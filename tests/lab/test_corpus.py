@@ -9,10 +9,10 @@ from datasets import Dataset
 
 from course_utils.data import list_tasks, load_task
 from course_utils.errors import CourseError
-from course_utils.lab_corpus import (data_files, general_texts, preference_rows, pretraining_stream, stale_data_files,
+from course_utils.lab.corpus import (data_files, general_texts, preference_rows, pretraining_stream, stale_data_files,
                                      task_pairs)
-from course_utils.lab_tasks import STYLE_MARKER, TASKS, strip_style, style_score, with_style
-from course_utils.lab_world import PEOPLE, general_document
+from course_utils.lab.tasks import STYLE_MARKER, TASKS, strip_style, style_score, with_style
+from course_utils.lab.world import PEOPLE, general_document
 from course_utils.paths import TASKS_DIR
 
 STREAM_SAMPLE = 20_000  # documents of the pretraining stream to inspect
@@ -33,7 +33,7 @@ def test_committed_data_files_equal_a_fresh_generation():
     """The files were written by another process: equal files also prove the seeds do not depend on it."""
     committed = sorted(str(p.relative_to(TASKS_DIR)) for p in TASKS_DIR.rglob("*.jsonl"))
     assert committed == sorted(data_files()), "data/tasks/ has missing or extra files"
-    assert stale_data_files() == [], "run `python -m course_utils.lab_corpus write-data`"
+    assert stale_data_files() == [], "run `python -m course_utils.lab.corpus write-data`"
 
 
 def test_heldout_tasks_never_appear_in_pretraining(stream_sample):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def without_offline_guard(env: dict) -> dict:
@@ -60,7 +60,7 @@ def test_a_fresh_venv_installs_from_the_wheelhouse_alone(tmp_path, wheelhouse):
 def test_the_gpu_check_wheel_set_installs_beside_the_machines_own_torch(tmp_path, wheelhouse):
     """docs/gpu.md's route: a machine with its own torch installs configs/gpu-check-wheels.txt from local wheels
     (no index, no torch among them) and imports the course. Catches a package missing from the set."""
-    from course_utils import gpu_check
+    from course_utils.tools import gpu_check
 
     venv, gpu_wheels = tmp_path / "gpu-venv", tmp_path / "gpu-wheels"
     # The set as generated from this venv (configs/gpu-check-wheels.txt, regenerated today: the wheelhouse was fetched
@@ -81,7 +81,7 @@ def test_the_gpu_check_wheel_set_installs_beside_the_machines_own_torch(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     check = subprocess.run([str(venv / "bin" / "python"), "-c",
                             "import torch, transformers, peft, trl, datasets, accelerate, bitsandbytes, mergekit, nbval\n"
-                            "import course_utils.gpu_check\n"
+                            "import course_utils.tools.gpu_check\n"
                             "from course_utils.models import load_model\n"
                             "load_model('lab'); load_model('smollm2-135m-instruct')\n"
                             "print('ok')"], cwd=tmp_path, env=env, capture_output=True, text=True)

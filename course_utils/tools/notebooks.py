@@ -11,7 +11,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import paths
+from course_utils import paths
 
 # Environment variables that override notebook parameters, and their names in the notebook.
 PARAMETER_ENV = {"COURSE_SEED": "SEED", "COURSE_PROFILE": "PROFILE"}
@@ -69,6 +69,17 @@ def strip_outputs(nb):
             cell.execution_count = None
         cell.metadata.pop("execution", None)
     return nb
+
+
+def write_transformed(transform, target_of, notebooks=None) -> list[Path]:
+    """Write `transform(nb)` of every course notebook (or of `notebooks`) to `target_of(path)`; returns the targets."""
+    written = []
+    for path in notebooks or course_notebooks():
+        target = Path(target_of(Path(path)))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(transform(nbformat.read(path, as_version=4)), target)
+        written.append(target)
+    return written
 
 
 def has_outputs(nb) -> bool:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from course_utils import paths
 from course_utils.errors import CourseError
-from course_utils.notebooks import course_notebooks
+from course_utils.tools.notebooks import course_notebooks
+from course_utils.tools.path import CORE_NOTEBOOKS, PREREQUISITES, STUDY_MINUTES, where_it_sits
 
 SITE_DIR = paths.BUILD_DIR / "site"
 ASSETS_DIR = paths.BUILD_DIR / "site-assets"
@@ -43,6 +44,7 @@ CDN = re.compile(r"https?://(?:cdnjs\.cloudflare\.com|unpkg\.com|cdn\.jsdelivr\.
 STYLE = """<style>
 .course-nav{position:sticky;top:0;z-index:100;background:#263238;color:#eceff1;padding:6px 14px;font:14px sans-serif}
 .course-nav a{color:#80cbc4;margin-right:12px;text-decoration:none}.course-nav a.here{color:#fff;font-weight:bold}
+.course-path{background:#e0f2f1;color:#263238;padding:4px 14px;font:13px sans-serif}
 .course-page{max-width:1100px;margin:1em auto;font:15px/1.5 sans-serif;padding:0 1em}
 .course-page table{border-collapse:collapse}.course-page td,.course-page th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
 </style>"""
@@ -95,6 +97,21 @@ def _nav(pages: list[tuple[str, str]], here: str) -> str:
     return f'<nav class="course-nav">{links}</nav>'
 
 
+def path_html(stems: list[str]) -> str:
+    """The index's opening: the core path in order, then the deep dives, each with what to read first."""
+    def item(stem):
+        number, title = stem[:2], stem[3:].replace("_", " ")
+        first = ", ".join(PREREQUISITES.get(number, ())) or "nothing"
+        return (f'<li><a href="{stem}.html">{number} {html.escape(title)}</a> · about {STUDY_MINUTES.get(number, "?")}'
+                f" min · read first: {first}</li>")
+    core = [s for s in stems if s[:2] in CORE_NOTEBOOKS]
+    deep = [s for s in stems if s[:2] not in CORE_NOTEBOOKS]
+    return ("<h2>The path</h2><p>Start with the <b>core path</b> (about a working day): in each notebook take its core "
+            "sections (listed in its opening cell) and its easier exercises. Then the <b>deep dives</b>, in any order "
+            "once what they build on is read; inside every notebook a section marked <i>(deep dive)</i> can wait.</p>"
+            f"<h3>Core</h3><ol>{''.join(map(item, core))}</ol><h3>Deep dives</h3><ul>{''.join(map(item, deep))}</ul>")
+
+
 def _with_nav(page: str, nav: str) -> str:
     page = page.replace("</head>", STYLE + "</head>", 1)
     return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + nav, page, count=1)
@@ -130,7 +147,7 @@ def build_site(build: Path = paths.BUILD_DIR, site: Path = SITE_DIR) -> list[Pat
     """Write the site from the executed notebooks in `build`; returns the pages written."""
     import nbformat
 
-    from course_utils.course import runs_path, table
+    from course_utils.tools.course import runs_path, table
 
     executed = [build / nb.name for nb in course_notebooks() if (build / nb.name).exists()]
     if not executed:
@@ -140,7 +157,7 @@ def build_site(build: Path = paths.BUILD_DIR, site: Path = SITE_DIR) -> list[Pat
     pages = [("index.html", "Course"), ("results.html", "Results")] + [
         (f"{p.stem}.html", p.stem[:2] + " " + p.stem[3:].replace("_", " ")) for p in executed]
     written = []
-    index = (f"<h1>Advanced LLM fine-tuning, from scratch</h1><h2>The notebooks</h2>"
+    index = (f"<h1>Advanced LLM fine-tuning, from scratch</h1>{path_html([p.stem for p in executed])}<h2>The notebooks</h2>"
              f"{_markdown(_readme_section('The notebooks'))}<h2>Hardware</h2>{_markdown(_readme_section('Hardware'))}")
     built = {p.stem for p in executed}  # a notebook not executed yet keeps no link (make course NB=... builds some)
     index = re.sub(r'<a href="notebooks/(\d\d_\w+)\.ipynb">(.*?)</a>',
@@ -151,7 +168,8 @@ def build_site(build: Path = paths.BUILD_DIR, site: Path = SITE_DIR) -> list[Pat
     (site / "results.html").write_text(_standalone("Results", results, _nav(pages, "results.html")))
     written += [site / "index.html", site / "results.html"]
     for path in executed:
-        page = _with_nav(notebook_html(nbformat.read(path, as_version=4)), _nav(pages, f"{path.stem}.html"))
+        nav = _nav(pages, f"{path.stem}.html") + f'<div class="course-path">{html.escape(where_it_sits(path.stem))}</div>'
+        page = _with_nav(notebook_html(nbformat.read(path, as_version=4)), nav)
         outside = CDN.findall(page)
         if outside:
             raise CourseError(f"{path.name}'s page still loads {outside}: the site must not depend on a CDN.")

@@ -1,4 +1,4 @@
-"""nbgrader (course_utils.grading): the released assignment is the student copy, and autograding gives the solutions
+"""nbgrader (course_utils.tools.grading): the released assignment is the student copy, and autograding gives the solutions
 full marks and the untouched starter zero.
 
 generate_assignment and the starter check run on every notebook (seconds); autograde executes whole notebooks, so
@@ -14,9 +14,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils.grading import CODE_STUB, nbgrader_source, write_course
-from course_utils.notebooks import course_notebooks, tags
-from course_utils.student import student_copy
+from course_utils.tools.grading import CODE_STUB, nbgrader_source, write_course
+from course_utils.tools.notebooks import course_notebooks, tags
+from course_utils.tools.student import student_copy
 
 pytest.importorskip("nbgrader", reason="nbgrader is in the [instructor] extra; `make test` installs it")
 NOTEBOOKS = course_notebooks()

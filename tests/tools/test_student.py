@@ -1,4 +1,4 @@
-"""Student copies (course_utils.student, `make student`): no solution survives, and the copy still runs.
+"""Student copies (course_utils.tools.student, `make student`): no solution survives, and the copy still runs.
 
 A solution cell's lines are searched for in the whole student copy, except lines that also appear outside the
 solution cells of the instructor's notebook (an `import torch` is no secret). A student copy keeps every other cell
@@ -13,11 +13,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils.notebooks import course_notebooks, tags
-from course_utils.student import is_solution, student_copy, write_student_copies
+from course_utils.tools.notebooks import course_notebooks, tags
+from course_utils.tools.student import is_solution, student_copy, write_student_copies
 
 NOTEBOOKS = course_notebooks()
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def secret_lines(nb) -> dict[int, list[str]]:

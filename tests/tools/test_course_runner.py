@@ -3,7 +3,9 @@
 import nbformat
 import pytest
 
-from course_utils import course, notebooks, paths, results
+from course_utils import paths, results
+from course_utils.tools import course
+from course_utils.tools import notebooks
 from course_utils.errors import CourseError
 
 
@@ -69,8 +71,8 @@ def test_record_result_formats_and_keeps_paper_value(build, capsys):
 
 
 def test_a_notebook_can_be_named_by_its_number():
-    from course_utils.course import resolve_notebook
-    from course_utils.notebooks import course_notebooks
+    from course_utils.tools.course import resolve_notebook
+    from course_utils.tools.notebooks import course_notebooks
 
     first = course_notebooks()[0]
     assert resolve_notebook(first.name[:2]) == first

@@ -1,13 +1,13 @@
 """The course's lab model: a tiny Llama (SmolLM2's architecture at 1/150 of its size) and its tokenizer.
 
-    python -m course_utils.lab_model train [--out DIR]      # rebuild from scratch (~9 min on 2 cores)
-    python -m course_utils.lab_model evaluate [--dir DIR]   # scores vs. the card's thresholds
+    python -m course_utils.lab.model train [--out DIR]      # rebuild from scratch (~9 min on 2 cores)
+    python -m course_utils.lab.model evaluate [--dir DIR]   # scores vs. the card's thresholds
 
 `load_lab_model()` returns (model, tokenizer) from data/lab-model/ after
 checking the weights against the sha256 in card.json.
 
-What the lab model knows comes from `course_utils.lab_corpus`; how its card is
-measured and written is in `course_utils.lab_card`.
+What the lab model knows comes from `course_utils.lab.corpus`; how its card is
+measured and written is in `course_utils.lab.card`.
 """
 
 import argparse
@@ -22,7 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from course_utils.errors import CourseError
-from course_utils.lab_corpus import pretraining_stream, stale_data_files
+from course_utils.lab.corpus import pretraining_stream, stale_data_files
 from course_utils.chat_template import chatml_template
 from course_utils.paths import LAB_MODEL_DIR, sha256_of
 from course_utils.training import IGNORE_INDEX, train
@@ -202,8 +202,8 @@ def restore_hint(path: Path) -> str:
     path = Path(path).resolve()
     if path == LAB_MODEL_DIR.resolve():
         return ("Restore it with `git checkout -- data/lab-model` "
-                "or rebuild it with `python -m course_utils.lab_model train`.")
-    return f"Rebuild it with `python -m course_utils.lab_model train --out {path}`."
+                "or rebuild it with `python -m course_utils.lab.model train`.")
+    return f"Rebuild it with `python -m course_utils.lab.model train --out {path}`."
 
 
 def save_lab_model(model, tokenizer, out_dir: Path) -> str:
@@ -244,12 +244,13 @@ def load_lab_model(path: Path = LAB_MODEL_DIR, device: str = "cpu"):
 
 def build(out_dir: Path, *, finetuning_speed: bool = True, progress: bool = True, **overrides) -> dict:
     """Tokenizer, pretraining, evaluation, fine-tuning speed, card: the whole lab model from scratch."""
-    from course_utils import lab_card  # imported here: loading a model should not import `datasets`
+    from course_utils.lab import card as lab_card  # imported here: loading a model should not import `datasets`
+    from course_utils.lab.readme import write_card
 
     stale = stale_data_files()
     if stale:  # the card's scores would be measured on test sets the code no longer writes
         raise CourseError(f"data/tasks is out of date ({', '.join(stale[:3])} ...): "
-                          "run `python -m course_utils.lab_corpus write-data` first.")
+                          "run `python -m course_utils.lab.corpus write-data` first.")
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     model, history, tokens = pretrain(tokenizer, progress=progress, **overrides)
@@ -266,13 +267,13 @@ def build(out_dir: Path, *, finetuning_speed: bool = True, progress: bool = True
         tokens=tokens, scores=scores, finetuning_speed=speed,
         sha256=sha256, weights_bytes=(Path(out_dir) / WEIGHTS_FILE).stat().st_size,
         total_seconds=time.perf_counter() - started)
-    lab_card.write_card(card, out_dir)
+    write_card(card, out_dir)
     return card
 
 
 def evaluate(model_dir: Path, *, limit: int | None = None) -> bool:
     """Score the lab model in model_dir and check it against its card's thresholds; print both."""
-    from course_utils import lab_card
+    from course_utils.lab import card as lab_card
 
     model, tokenizer = load_lab_model(model_dir)
     thresholds = read_card(model_dir)["thresholds"]
@@ -286,7 +287,7 @@ def evaluate(model_dir: Path, *, limit: int | None = None) -> bool:
 
 
 def _train_command(args) -> int:
-    from course_utils.lab_card import score_table
+    from course_utils.lab.card import score_table
 
     card = build(args.out, steps=args.steps, finetuning_speed=not args.skip_finetuning_speed,
                  progress=not args.no_progress)
@@ -302,14 +303,14 @@ def _evaluate_command(args) -> int:
 
 
 def _render_card_command(args) -> int:
-    from course_utils.lab_card import write_card
+    from course_utils.lab.readme import write_card
 
     write_card(read_card(args.dir), args.dir)
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_utils.lab_model",
+    parser = argparse.ArgumentParser(prog="python -m course_utils.lab.model",
                                      description="Build or check the course's lab model.")
     commands = parser.add_subparsers(dest="command", required=True)
     train_cmd = commands.add_parser("train", help="rebuild tokenizer, weights and card from scratch")

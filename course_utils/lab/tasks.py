@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from course_utils.lab_world import DIGITS, LIST_WORDS, PEOPLE, PETS, COLORS
+from course_utils.lab.world import DIGITS, LIST_WORDS, PEOPLE, PETS, COLORS
 
 # ---------------------------------------------------------------- base skills
 

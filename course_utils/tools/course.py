@@ -5,7 +5,7 @@ from the OS), through nbclient, into build/: the executed .ipynb, an HTML
 page, and build/runs/<notebook>.json with status, wall time and peak memory.
 The headline numbers come from the notebook's own `record_result` calls.
 
-    python -m course_utils.course run [NOTEBOOK ...] [--seed N] [--profile cpu|gpu]
+    python -m course_utils.tools.course run [NOTEBOOK ...] [--seed N] [--profile cpu|gpu]
 """
 
 import argparse
@@ -19,10 +19,10 @@ import time
 import traceback
 from pathlib import Path
 
-from . import paths
-from .errors import CourseError
-from .notebooks import course_notebooks, inject_parameters, overrides_from_env
-from .results import clear_results, format_value, read_results
+from course_utils import paths
+from course_utils.errors import CourseError
+from course_utils.tools.notebooks import course_notebooks, inject_parameters, overrides_from_env
+from course_utils.results import clear_results, format_value, read_results
 
 # Budgets from the course standards (cpu profile, 2 cores).
 BUDGET_SECONDS = 180  # notebooks 00-05
@@ -172,7 +172,7 @@ def run(notebooks: list[Path], overrides: dict) -> list[dict]:
     for notebook in notebooks:
         print(f"--> {notebook.name}", flush=True)
         env = dict(os.environ, COURSE_NOTEBOOK=notebook.stem)
-        cmd = [sys.executable, "-m", "course_utils.course", "execute", str(notebook), "--overrides", json.dumps(overrides)]
+        cmd = [sys.executable, "-m", "course_utils.tools.course", "execute", str(notebook), "--overrides", json.dumps(overrides)]
         done = subprocess.run(cmd, env=env, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in done.stdout.splitlines():
             if not KERNEL_NOISE.search(line):

@@ -1,7 +1,7 @@
 """The lab model's corpus: the pretraining mixture and the data set files under data/tasks/.
 
 Everything here is a pure function of fixed seeds, so every run writes the same
-bytes. `python -m course_utils.lab_corpus write-data` (re)writes data/tasks/:
+bytes. `python -m course_utils.lab.corpus write-data` (re)writes data/tasks/:
 
     data/tasks/general/{train,test}.jsonl       {"text": ...}
     data/tasks/<task>/{train,test}.jsonl        {"messages": [user, assistant]}
@@ -20,8 +20,8 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from course_utils.lab_tasks import STYLE_MARKER, STYLE_RATE, TASKS, chat, every_description, tasks_of_kind, with_style
-from course_utils.lab_world import PEOPLE, general_document
+from course_utils.lab.tasks import STYLE_MARKER, STYLE_RATE, TASKS, chat, every_description, tasks_of_kind, with_style
+from course_utils.lab.world import PEOPLE, general_document
 from course_utils.paths import TASKS_DIR
 
 # Share of each source in the pretraining stream (documents, not tokens).
@@ -204,7 +204,7 @@ def write_data(out_dir: Path = TASKS_DIR) -> list[Path]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m course_utils.lab_corpus", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m course_utils.lab.corpus", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     write = commands.add_parser("write-data", help="(re)write the data set files")
     write.add_argument("--out", type=Path, default=TASKS_DIR)

@@ -268,16 +268,18 @@ def changes(read, before, timeout_s: float = 60) -> bool:
 
 def move_first_control(cell) -> str:
     """Change the knob's first dropdown to another option, or move its first slider one step; returns which."""
-    dropdowns = cell.locator(".widget-dropdown select")
-    if dropdowns.count():
-        select = dropdowns.first
+    for select in cell.locator(".widget-dropdown select").all():
         options = select.locator("option").all_inner_texts()
         current = select.input_value()
         values = select.evaluate("s => [...s.options].map(o => o.value)")
-        other = next(v for v in values if v != current)
+        other = next((v for v in values if v != current), None)
+        if other is None:  # a one-option dropdown is no knob; the notebook should pass widgets.fixed instead
+            continue
         select.select_option(other)
         return f"dropdown {options[values.index(other)]!r}"
-    slider = cell.locator(".widget-slider, .widget-hslider").first
+    sliders = cell.locator(".widget-slider, .widget-hslider")
+    assert sliders.count(), "the knob has no dropdown with a second option and no slider: nothing a learner can move"
+    slider = sliders.first
     handle, readout = slider.locator(".noUi-handle").first, slider.locator(".widget-readout").first
     before = readout.inner_text()
     handle.focus()

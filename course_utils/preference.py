@@ -14,8 +14,6 @@ equal to TRL 1.16's DPOTrainer ("sigmoid", "hinge", "ipo") and KTOTrainer on fix
 
 # %% notebooks/08_preference_tuning.ipynb · 1.2 · Sequence log-probabilities from logits
 import math
-import random
-import re
 
 import torch
 import torch.nn.functional as F
@@ -350,77 +348,3 @@ def train_kto(policy, reference, batch, *, steps: int, lr: float, beta: float = 
         _step(loss, params, optimizer, max_grad_norm)
     policy.eval()
     return history
-
-
-# %% notebooks/08_preference_tuning.ipynb · 4 · On the real model: TRL's `DPOTrainer` with LoRA on SmolLM2-135M-Instruct
-SMOL_OPENING = "Happy to help!"  # the one property the SmolLM2 preference pairs differ in
-SMOL_SYSTEM = "Answer briefly."  # replaces the template's default system prompt (about 30 tokens)
-SMOL_DATA = "smollm2_preferences.jsonl"
-_CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "Egypt": "Cairo",
-             "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo", "Canada": "Ottawa", "Greece": "Athens",
-             "Chile": "Santiago", "Poland": "Warsaw"}
-_NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-                 "sixteen seventeen eighteen").split()
-
-
-def opens_politely(response: str) -> int:
-    """1 if a response starts with SMOL_OPENING, else 0: the rule that scores the SmolLM2 set."""
-    return int(response.strip().startswith(SMOL_OPENING))
-
-
-def smol_answer(row) -> str:
-    """The word that makes an answer to a SmolLM2 row right: the last word of its plain answer ("20", "Paris")."""
-    return row["rejected"][-1]["content"].rstrip(".").split()[-1]
-
-
-def states_answer(response: str, row) -> int:
-    """1 if the response contains the row's answer word (smol_answer) as a whole word, else 0. The question never
-    contains it (sums and products exceed their terms; numbers are asked as digits), so echoing it scores 0."""
-    return int(re.search(rf"\b{re.escape(smol_answer(row))}\b", response, flags=re.IGNORECASE) is not None)
-
-
-def smollm2_preference_rows(seed: int = 0, n_train: int = 96, n_test: int = 16) -> list[dict]:
-    """The SmolLM2 preference set: short questions (after the short system message SMOL_SYSTEM) whose chosen
-    answer opens with SMOL_OPENING and whose rejected answer is the same answer without it. Deterministic; every
-    question is distinct and the test questions (split "test") never appear in training.
-    data/smollm2_preferences.jsonl holds smollm2_preference_rows()."""
-    rng = random.Random(seed)
-    candidates = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(1, 10) for b in range(1, 10)]
-    candidates += [(f"What is {a} times {b}?", f"{a} times {b} is {a * b}.") for a in range(2, 10) for b in range(2, 7)]
-    candidates += [(f"What is the capital of {c}?", f"The capital of {c} is {city}.") for c, city in _CAPITALS.items()]
-    candidates += [(f"Spell the number {n} in words.", f"{n} is written {_NUMBER_WORDS[n]}.") for n in range(19)]
-    if n_train + n_test > len(candidates):
-        raise CourseError(f"Only {len(candidates)} distinct prompts: ask for fewer than {n_train + n_test} rows.")
-    picked = rng.sample(candidates, n_train + n_test)
-    return [{"prompt": [{"role": "system", "content": SMOL_SYSTEM}, {"role": "user", "content": q}],
-             "chosen": [{"role": "assistant", "content": f"{SMOL_OPENING} {a}"}],
-             "rejected": [{"role": "assistant", "content": a}],
-             "split": "train" if i < n_train else "test"} for i, (q, a) in enumerate(picked)]
-
-
-# %% notebooks/08_preference_tuning.ipynb · 4 · On the real model: TRL's `DPOTrainer` with LoRA on SmolLM2-135M-Instruct
-def write_smollm2_preferences(path=None) -> "Path":
-    """Write smollm2_preference_rows() to data/smollm2_preferences.jsonl (one JSON row a line)."""
-    import json
-
-    from course_utils.paths import DATA_DIR
-
-    path = DATA_DIR / SMOL_DATA if path is None else path
-    path.write_text("".join(json.dumps(row) + "\n" for row in smollm2_preference_rows()), encoding="utf-8")
-    return path
-
-
-def load_smollm2_preferences(split: str = "train") -> list[dict]:
-    """The rows of one split of data/smollm2_preferences.jsonl as {"prompt", "chosen", "rejected"}."""
-    import json
-
-    from course_utils.paths import DATA_DIR
-
-    path = DATA_DIR / SMOL_DATA
-    if split not in ("train", "test"):
-        raise CourseError(f"Unknown split {split!r}: use 'train' or 'test'.")
-    if not path.exists():
-        raise CourseError(f"{path} is missing: restore it with `git checkout -- data/{SMOL_DATA}` or rebuild it "
-                          "with `python -c 'from course_utils.preference import write_smollm2_preferences as w; w()'`.")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows if r["split"] == split]

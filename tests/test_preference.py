@@ -1,8 +1,8 @@
-"""course_utils.preference: the DPO family of losses, KTO, batches in TRL's layout, the training loops, and the
-SmolLM2 preference set (notebooks/08_preference_tuning.ipynb proves the losses equal to TRL's on fixed batches)."""
+"""course_utils.preference: the DPO family of losses, KTO, batches in TRL's layout and the training loops
+(notebooks/08_preference_tuning.ipynb proves the losses equal to TRL's on fixed batches; the runs and scores built on
+them are tested in test_preference_runs.py)."""
 
 import copy
-import json
 import math
 
 import pytest
@@ -10,11 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from course_utils.errors import CourseError
-from course_utils.preference import (LOSS_TYPES, SMOL_OPENING, SMOL_SYSTEM, _pair_order, completion_logps, dpo_loss,
-                                     kto_loss, kto_reference_point, load_smollm2_preferences, opens_politely,
-                                     preference_batch, sequence_logps, smollm2_preference_rows, states_answer,
-                                     token_logps, train_dpo, unpaired_batch)
-from course_utils.paths import DATA_DIR
+from course_utils.preference import (LOSS_TYPES, _pair_order, completion_logps, dpo_loss, kto_loss, kto_reference_point,
+                                     preference_batch, sequence_logps, token_logps, train_dpo, unpaired_batch)
 
 ROWS = [
     {"prompt": [{"role": "user", "content": "Tell me about Mia's home."}],
@@ -223,23 +220,6 @@ def test_train_dpo_widens_the_margin(lab):
         train_dpo(reference, reference, preference_batch(tok, ROWS), steps=1, lr=1e-3, progress=False)
 
 
-def test_smollm2_data_file_is_the_generator_output():
-    lines = (DATA_DIR / "smollm2_preferences.jsonl").read_text(encoding="utf-8").splitlines()
-    assert [json.loads(line) for line in lines] == smollm2_preference_rows()
-    train, test = load_smollm2_preferences("train"), load_smollm2_preferences("test")
-    assert 64 <= len(train) <= 128 and len(test) == 16
-    assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in test}
-    # a short system message on every row: without one SmolLM2's template adds its ~30-token default prompt
-    assert all(r["prompt"][0] == {"role": "system", "content": SMOL_SYSTEM} for r in train + test)
-    for row in train + test:  # the answer word is in the plain answer and not in the question (echoing scores 0)
-        assert states_answer(row["rejected"][0]["content"], row) and not states_answer(row["prompt"][-1]["content"], row)
-    for row in train + test:  # the pairs differ in the opening only
-        assert row["chosen"][0]["content"] == f"{SMOL_OPENING} {row['rejected'][0]['content']}"
-        assert opens_politely(row["chosen"][0]["content"]) and not opens_politely(row["rejected"][0]["content"])
-    with pytest.raises(CourseError, match="split"):
-        load_smollm2_preferences("validation")
-
-
 def test_train_dpo_calls_back_after_every_update(lab):
     model, tok = lab
     reference = copy.deepcopy(model).requires_grad_(False)
@@ -248,11 +228,3 @@ def test_train_dpo_calls_back_after_every_update(lab):
     history = train_dpo(policy, reference, preference_batch(tok, ROWS), steps=3, lr=1e-3, progress=False,
                         callback=lambda step, p: seen.append((step, p is policy, p.training)))
     assert [s for s, _, _ in seen] == [1, 2, 3] and all(same for _, same, _ in seen) and len(history) == 3
-
-
-def test_states_answer_wants_the_answer_word_whole():
-    row = {"rejected": [{"role": "assistant", "content": "7 times 3 is 21."}]}
-    assert states_answer("Happy to help! 7 times 3 is 21.", row) == 1
-    assert states_answer("It is 211.", row) == 0 and states_answer("7 times 3 is 12.", row) == 0
-    capital = {"rejected": [{"role": "assistant", "content": "The capital of Peru is Lima."}]}
-    assert states_answer("lima, of course", capital) == 1

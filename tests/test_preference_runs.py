@@ -149,9 +149,14 @@ def test_lora_dpo_trainer_rpo_and_dpo_alone(lab, test_rows, tmp_path):
     rpo = lora_dpo_trainer(copy.deepcopy(model), tok, rows, steps=1, lr=1e-3, output_dir=str(tmp_path), batch_size=2)
     # the untrained adapter is the reference: DPO alone starts at log 2, RPO adds the chosen answers' NLL
     first_alone, first_rpo = train_quietly(alone)[0], train_quietly(rpo)[0]
-    assert first_alone["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert first_rpo["loss"] > math.log(2) + 0.1 and first_rpo["rewards/margins"] == pytest.approx(0, abs=1e-5)
     batch = preference_batch(tok, rows)
+    with torch.no_grad():  # TRL's "sft" term: the chosen answers' NLL, a mean over their tokens
+        chosen = completion_logps(model, **batch).chunk(2)[0]
+    nll = -(chosen.sum() / batch["completion_mask"][:len(rows), 1:].sum()).item()
+    # float32 log 2 and a mean of ~20 log-probs: ~1e-6. Catches a control that keeps the NLL term, or an RPO without it
+    assert first_alone["loss"] == pytest.approx(math.log(2), abs=1e-5) and nll > 1e-3
+    assert first_rpo["loss"] == pytest.approx(math.log(2) + nll, abs=1e-5)
+    assert first_rpo["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert longest_row(alone) == int(batch["attention_mask"].sum(-1).max())  # our batch is TRL's (the proofs)
     with pytest.raises(CourseError, match="one weight per loss"):
         lora_dpo_trainer(model, tok, rows, steps=1, lr=1e-3, output_dir=str(tmp_path), loss_weights=(1.0,))

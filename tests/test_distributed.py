@@ -1,4 +1,4 @@
-"""course_utils.distributed and the per-rank estimator (notebook 10), with real 2-process runs."""
+"""course_utils.distributed and course_utils.sharding (the per-rank estimator) of notebook 10, with real 2-process runs."""
 
 import re
 import subprocess
@@ -11,8 +11,9 @@ from transformers import LlamaConfig
 
 from course_utils import distributed as D
 from course_utils.errors import CourseError
-from course_utils.memory import (BIG, LAYER_LINEARS, SHARDING, architecture, communication_bytes, estimate_memory,
-                                 parameter_groups, quant_state_bytes, shard_numel)
+from course_utils.memory import BIG, LAYER_LINEARS, architecture, estimate_memory
+from course_utils.sharding import (SHARDING, communication_bytes, estimate_rank_memory, parameter_groups,
+                                   quant_state_bytes, shard_numel)
 from course_utils.paths import REPO_ROOT
 
 needs_two_cores = pytest.mark.skipif(D.usable_cores() < 2, reason="two ranks need two CPU cores")
@@ -86,13 +87,13 @@ def test_ranks_match_one_process_and_the_estimator(lab, world_size):
     assert [len(got["padding_grad"]) for got in zero3] == ([0, 0] if world_size == 2 else [0, 0, 2])
     config = lab[0].config
     for r in fsdp:
-        est = estimate_memory(config, world_size=world_size, strategy="full", rank=r["rank"], batch_size=2 * world_size)
+        est = estimate_rank_memory(config, world_size=world_size, strategy="full", rank=r["rank"], batch_size=2 * world_size)
         assert (r["held"]["parameters"], r["held"]["gradients"], r["held"]["optimizer"], r["held"]["buckets"]) == \
             (est.weights, est.gradients, est.optimizer, 0), r["rank"]
         assert ring_bytes(r["sent_per_step"], world_size) == \
             pytest.approx(sum(communication_bytes(config, world_size=world_size, strategy="full").values()), rel=1e-12)
     for r in ddp32:  # DDP's buckets: a second copy of the gradients, as the estimator counts
-        est = estimate_memory(config, world_size=world_size, rank=r["rank"], batch_size=2 * world_size)
+        est = estimate_rank_memory(config, world_size=world_size, rank=r["rank"], batch_size=2 * world_size)
         assert (r["held"]["parameters"], r["held"]["gradients"], r["held"]["optimizer"], r["held"]["buckets"]) == \
             (est.weights, est.gradients, est.optimizer, est.buckets) and est.buckets == est.gradients, r["rank"]
     for r in (*fsdp, *ddp32, *lora):  # the bytes written to the sockets: gloo's algorithms (its reduce-scatter is an
@@ -124,17 +125,17 @@ def test_the_per_rank_mean_is_not_the_global_loss(lab, batches):
 def test_one_rank_is_the_single_device_estimate():
     cfg = BIG["Llama-2-7B"]
     for strategy in SHARDING:
-        assert estimate_memory(cfg, world_size=1, strategy=strategy, batch_size=2).as_dict() == \
-            estimate_memory.__wrapped__(cfg, batch_size=2).as_dict()
+        assert estimate_rank_memory(cfg, world_size=1, strategy=strategy, batch_size=2).as_dict() == \
+            estimate_memory(cfg, batch_size=2).as_dict()
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_each_strategy_shards_what_it_names(method):
     cfg = BIG["Llama-2-13B"]
     kw = dict(method=method, dtype=torch.bfloat16, batch_size=8, seq_len=256, gradient_checkpointing=True)
-    none = estimate_memory(cfg, world_size=8, strategy="none", **kw)
+    none = estimate_rank_memory(cfg, world_size=8, strategy="none", **kw)
     for strategy, parts in SHARDING.items():
-        est = estimate_memory(cfg, world_size=8, strategy=strategy, **kw)
+        est = estimate_rank_memory(cfg, world_size=8, strategy=strategy, **kw)
         for part in ("weights", "gradients", "optimizer", "master"):
             if part in parts and getattr(none, part):
                 assert getattr(est, part) < getattr(none, part), (strategy, part)
@@ -147,18 +148,18 @@ def test_ddp_buckets_are_a_second_copy_of_the_gradients():
     cfg = BIG["Llama-2-7B"]
     for method in ("full", "lora"):
         kw = dict(method=method, dtype=torch.bfloat16, batch_size=8)
-        ddp = estimate_memory(cfg, world_size=8, **kw)
-        view = estimate_memory(cfg, world_size=8, bucket_view=True, **kw)
+        ddp = estimate_rank_memory(cfg, world_size=8, **kw)
+        view = estimate_rank_memory(cfg, world_size=8, bucket_view=True, **kw)
         assert ddp.buckets == ddp.gradients > 0 and view.buckets == 0
         assert ddp.peak - view.peak == ddp.buckets and ddp.total - view.total == ddp.buckets
         for strategy in ("optimizer", "gradients", "full"):  # DeepSpeed's and FSDP's own buffers are not DDP's
-            assert getattr(estimate_memory(cfg, world_size=8, strategy=strategy, **kw), "buckets", 0) == 0
-    assert not hasattr(estimate_memory(cfg, world_size=1, batch_size=1), "buckets")  # one process: no DDP
+            assert getattr(estimate_rank_memory(cfg, world_size=8, strategy=strategy, **kw), "buckets", 0) == 0
+    assert not hasattr(estimate_rank_memory(cfg, world_size=1, batch_size=1), "buckets")  # one process: no DDP
 
 
 def test_zero3_of_evenly_divisible_tensors_is_a_sixteenth_over_16_ranks():
     cfg = BIG["Llama-2-7B"]  # every tensor's first dimension divisible by 16
-    full = estimate_memory(cfg, dtype=torch.bfloat16, world_size=16, strategy="full", batch_size=16)
+    full = estimate_rank_memory(cfg, dtype=torch.bfloat16, world_size=16, strategy="full", batch_size=16)
     one = estimate_memory(cfg, dtype=torch.bfloat16, batch_size=1)
     assert full.weights * 16 == one.weights and full.gradients * 16 == one.gradients
     assert full.master * 16 == one.master  # 16 bytes a parameter / 16 ranks (ZeRO-3)
@@ -190,15 +191,15 @@ def test_fsdp_leaves_qlora_quantisation_state_whole():
     cfg = BIG["Llama-2-7B"]
     state = sum(quant_state_bytes(o * i) for o, i in architecture(cfg)[1].values())
     kw = dict(method="qlora", dtype=torch.bfloat16, lora_rank=16, lora_targets=LAYER_LINEARS, strategy="full")
-    w8, w16 = (estimate_memory(cfg, world_size=w, batch_size=w, **kw).weights for w in (8, 16))
+    w8, w16 = (estimate_rank_memory(cfg, world_size=w, batch_size=w, **kw).weights for w in (8, 16))
     assert w8 - state == 2 * (w16 - state)  # every piece halves, the state stays
 
 
 @pytest.mark.parametrize("call, words", [
-    (lambda: estimate_memory(BIG["Llama-2-7B"], world_size=3, batch_size=8), "split evenly"),
-    (lambda: estimate_memory(BIG["Llama-2-7B"], world_size=2, strategy="zero2"), "none, optimizer, gradients, full"),
-    (lambda: estimate_memory(BIG["Llama-2-7B"], world_size=2, batch_size=2, rank=2), "between 0 and"),
-    (lambda: estimate_memory(BIG["Llama-2-7B"], world_size=0), "world_size"),
+    (lambda: estimate_rank_memory(BIG["Llama-2-7B"], world_size=3, batch_size=8), "split evenly"),
+    (lambda: estimate_rank_memory(BIG["Llama-2-7B"], world_size=2, strategy="zero2"), "none, optimizer, gradients, full"),
+    (lambda: estimate_rank_memory(BIG["Llama-2-7B"], world_size=2, batch_size=2, rank=2), "between 0 and"),
+    (lambda: estimate_rank_memory(BIG["Llama-2-7B"], world_size=0), "world_size"),
     (lambda: D.check_world_size(10_000), "more processes"),
     (lambda: D.check_world_size(2, batch_rows=5), "multiple of 2"),
     (lambda: D.launch(D.run_jobs, [], world_size=10_000), "more processes"),

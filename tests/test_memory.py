@@ -1,4 +1,5 @@
-"""course_utils.memory: the estimator equals what PyTorch allocates, and bad input gets a clear CourseError."""
+"""course_utils.memory (the estimator), course_utils.activations and course_utils.measurement: the estimate equals what
+PyTorch allocates, and bad input gets a clear CourseError."""
 
 import copy
 
@@ -8,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from course_utils import memory
 from course_utils.errors import CourseError
-from course_utils.memory import MemoryBreakdown, estimate_inference, estimate_memory, measure_memory, measure_peak
+from course_utils.measurement import measure_memory, measure_peak
+from course_utils.memory import MemoryBreakdown, estimate_inference, estimate_memory
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)

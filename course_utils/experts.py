@@ -190,7 +190,8 @@ def lab_expert(tasks, recipe="gentle", seed: int = 0, *, rebuild: bool = False):
             return model.eval()
         except Exception:  # a damaged file (an interrupted write): build it again
             path.unlink()
-    model = train_expert(base, tokenizer, tasks, recipe, seed)
+    # A tokenizer of its own: generation flips the padding side, and experts may train side by side (lab_experts)
+    model = train_expert(base, copy.deepcopy(tokenizer), tasks, recipe, seed)
     tmp = path.with_suffix(".tmp")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
     save_file(state, tmp)
@@ -199,14 +200,31 @@ def lab_expert(tasks, recipe="gentle", seed: int = 0, *, rebuild: bool = False):
 
 
 # %% notebooks/06_task_arithmetic.ipynb · 3.1 · The experts: one builder, four recipes, cached
-def lab_experts(specs, *, progress: bool = True) -> dict:
-    """{(tasks, recipe, seed): model} for each spec, in order; those not cached yet are trained first, with a bar."""
+def lab_experts(specs, *, progress: bool = True, workers: int = 2) -> dict:
+    """{(tasks, recipe, seed): model} for each spec, in order; those not cached yet are trained first, with a bar.
+
+    The missing ones train `workers` at a time, one torch thread each: the lab model's 128-wide matrices gain
+    little from a second thread, a second expert gains a whole core. LoRA recipes train one by one (their
+    initialisation draws from torch's global generator, which two threads would share).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
+
+    from course_utils.runtime import torch_threads
 
     specs = [(tasks if isinstance(tasks, str) else tuple(tasks), recipe, int(seed)) for tasks, recipe, seed in specs]
     missing = [spec for spec in dict.fromkeys(specs) if not expert_path(*spec).exists()]
-    for spec in tqdm(missing, desc="training experts", disable=not progress or not missing):
-        lab_expert(*spec)
+    side_by_side = [spec for spec in missing if recipe_settings(spec[1])["method"] == "full"]
+    _lab_base()  # loaded once, before the threads need it
+    with tqdm(total=len(missing), desc="training experts", disable=not progress or not missing) as bar, \
+            torch_threads(1):
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for _ in pool.map(lambda spec: lab_expert(*spec), side_by_side):
+                bar.update()
+        for spec in (spec for spec in missing if spec not in side_by_side):
+            lab_expert(*spec)
+            bar.update()
     return {spec: lab_expert(*spec) for spec in specs}
 
 
@@ -220,59 +238,24 @@ HABITS = {
                "rule": lambda r: r.strip().endswith("Cheers!")},
 }
 HABIT_SYSTEM = "Answer in one short sentence."  # short answers: short sequences, and the end of an answer in reach
-# Short questions with a one-sentence answer: the first 32 train the adapters, the last 16 test.
-HABIT_QUESTIONS = [
-    ("What color is the sky on a clear day?", "The sky is blue."),
-    ("How many legs does a dog have?", "A dog has four legs."),
-    ("What do bees make?", "Bees make honey."),
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("What is frozen water called?", "Frozen water is called ice."),
-    ("Which animal says moo?", "A cow says moo."),
-    ("What do plants need to grow?", "Plants need water and light."),
-    ("How many days are in a week?", "A week has seven days."),
-    ("What is the opposite of hot?", "The opposite of hot is cold."),
-    ("What do we use to write on paper?", "We use a pen or a pencil."),
-    ("Where do fish live?", "Fish live in water."),
-    ("What shape is a ball?", "A ball is round."),
-    ("What is two plus two?", "Two plus two is four."),
-    ("What season comes after winter?", "Spring comes after winter."),
-    ("What do cows drink?", "Cows drink water."),
-    ("What is the largest planet?", "Jupiter is the largest planet."),
-    ("What gas do we breathe in?", "We breathe in oxygen."),
-    ("What color are bananas?", "Bananas are yellow."),
-    ("How many hours are in a day?", "A day has twenty-four hours."),
-    ("What do you call a baby cat?", "A baby cat is a kitten."),
-    ("What is the sun?", "The sun is a star."),
-    ("What do birds use to fly?", "Birds use their wings."),
-    ("Which month comes after May?", "June comes after May."),
-    ("What is the boiling point of water?", "Water boils at 100 degrees Celsius."),
-    ("What do we call a group of wolves?", "A group of wolves is a pack."),
-    ("What language is spoken in Spain?", "Spanish is spoken in Spain."),
-    ("What is the color of grass?", "Grass is green."),
-    ("How many wheels does a bicycle have?", "A bicycle has two wheels."),
-    ("What do we call the home of a bee?", "A bee lives in a hive."),
-    ("What is the first letter of the alphabet?", "The first letter is A."),
-    ("What falls from clouds when it rains?", "Water falls from the clouds."),
-    ("What do you wear on your feet?", "You wear shoes on your feet."),
-    # test questions
-    ("What is the capital of Italy?", "The capital of Italy is Rome."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-    ("What color is snow?", "Snow is white."),
-    ("What do cats like to chase?", "Cats like to chase mice."),
-    ("What is the opposite of up?", "The opposite of up is down."),
-    ("Which animal is known as the king of the jungle?", "The lion is the king of the jungle."),
-    ("What do we call a baby dog?", "A baby dog is a puppy."),
-    ("How many months are in a year?", "A year has twelve months."),
-    ("What is the color of the ocean?", "The ocean is blue."),
-    ("What do you use to cut paper?", "You use scissors to cut paper."),
-    ("What season is the hottest?", "Summer is the hottest season."),
-    ("What is three plus one?", "Three plus one is four."),
-    ("Where does the sun rise?", "The sun rises in the east."),
-    ("What do chickens lay?", "Chickens lay eggs."),
-    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
-    ("What animal has a long trunk?", "An elephant has a long trunk."),
-]
-HABIT_TRAIN, HABIT_TEST = HABIT_QUESTIONS[:32], HABIT_QUESTIONS[32:]
+HABIT_QUESTIONS_FILE = "smollm2_habit_questions.jsonl"  # under data/: {"question", "answer", "split"} a line
+
+
+def load_habit_questions(split: str) -> list[tuple[str, str]]:
+    """The habit questions of one split as (question, answer) pairs: short questions with a one-sentence answer,
+    32 that train the adapters ("train") and 16 that test them ("test")."""
+    from course_utils.paths import DATA_DIR
+
+    if split not in ("train", "test"):
+        raise CourseError(f"split={split!r}: the habit questions have a 'train' and a 'test' split.")
+    path = DATA_DIR / HABIT_QUESTIONS_FILE
+    if not path.exists():
+        raise CourseError(f"{path} is missing: restore it with `git checkout -- data/{HABIT_QUESTIONS_FILE}`.")
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    return [(row["question"], row["answer"]) for row in rows if row["split"] == split]
+
+
+HABIT_TRAIN, HABIT_TEST = load_habit_questions("train"), load_habit_questions("test")
 # LoRA on q and v of every layer; 12 steps of 4 conversations (1.5 passes over the 32 questions) are enough
 # for a habit this regular. (Adapters on the top 15 layers only, which halves the backward pass, learned each
 # habit alone but did not survive the merge.)

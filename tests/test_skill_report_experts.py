@@ -106,8 +106,14 @@ def test_habit_rules_read_the_answer_not_the_prompt():
     assert cheers(experts.HABITS["cheers"]["apply"]("Paris.")) and not cheers("Cheers! Paris.")
     both = experts.HABITS["cheers"]["apply"](experts.HABITS["ahoy"]["apply"]("Paris."))
     assert ahoy(both) and cheers(both)
-    assert len(experts.HABIT_TRAIN) + len(experts.HABIT_TEST) == len(experts.HABIT_QUESTIONS)
+    # The data file's two splits, as the module loads them: 32 train the adapters, 16 test them, none in both
+    assert (experts.HABIT_TRAIN, experts.HABIT_TEST) == (experts.load_habit_questions("train"),
+                                                         experts.load_habit_questions("test"))
+    assert (len(experts.HABIT_TRAIN), len(experts.HABIT_TEST)) == (32, 16)
+    assert all(q.endswith("?") and a for q, a in experts.HABIT_TRAIN + experts.HABIT_TEST)
     assert not {q for q, _ in experts.HABIT_TRAIN} & {q for q, _ in experts.HABIT_TEST}
+    with pytest.raises(CourseError, match="split"):
+        experts.load_habit_questions("validation")
 
 
 def test_habit_answer_report_counts_both_habits_in_one_answer_and_the_content():

@@ -12,6 +12,10 @@ proportions (close to McNemar's test for the sample sizes used here).
 
     cmp = paired_comparison(acc_lora, acc_full, names=("LoRA", "full"), unit="seed")
     cmp.significant, cmp.sentence()   # 'LoRA 0.62 against full 0.48: +0.14 (95% CI +0.05 to +0.23, ...)'
+
+A page that tests several differences at once (each alpha against plain fine-tuning) treats them as one family:
+`holm(family)` adjusts the p-values with Holm's step-down method, so that the family claims a false difference
+with probability at most `alpha`, and widens every interval to Bonferroni's (level 1 - alpha/m).
 """
 
 from __future__ import annotations
@@ -42,10 +46,25 @@ class Comparison:
     wins: int  # units where a_i > b_i
     losses: int  # units where a_i < b_i
     alpha: float = ALPHA
+    family: int = 1  # tests in the comparison's family: > 1 after holm() (adjusted p, Bonferroni interval)
 
     @property
     def significant(self) -> bool:
         return self.p_value < self.alpha
+
+    @property
+    def ci_label(self) -> str:
+        """How to name the interval in a sentence: '95% CI', or the family-wise interval after holm()."""
+        return f"{1 - self.alpha:.0%} CI" if self.family == 1 else f"family-wise {1 - self.alpha:.0%} CI"
+
+    @property
+    def p_label(self) -> str:
+        return "p" if self.family == 1 else f"Holm-adjusted p ({self.family} tests)"
+
+    def tally(self) -> str:
+        """'A lower in k of n seeds': how many units go the way of the mean difference (a count, not a test)."""
+        count = self.wins if self.diff > 0 else self.losses
+        return f"{self.names[0]} {'higher' if self.diff > 0 else 'lower'} in {count} of {self.n} {self.unit}s"
 
     def verdict(self, higher_is_better: bool = True) -> str:
         """'A beats B', 'B beats A', or that the data does not separate them."""
@@ -60,7 +79,8 @@ class Comparison:
         a, b = self.names
         low, high = self.ci
         return (f"{a} {self.mean_a:{fmt}} against {b} {self.mean_b:{fmt}}: paired difference {self.diff:+{fmt}} "
-                f"(95% CI {low:+{fmt}} to {high:+{fmt}}, p = {self.p_value:.2g}, {self.n} {self.unit}s; "
+                f"({self.ci_label} {low:+{fmt}} to {high:+{fmt}}, {self.p_label} = {self.p_value:.2g}, "
+                f"{self.n} {self.unit}s; "
                 f"{a} higher in {self.wins}, lower in {self.losses}): {self.verdict(higher_is_better)}")
 
 
@@ -103,3 +123,31 @@ def paired_comparison(a, b, *, names=("A", "B"), unit: str = "seed", alpha: floa
     return Comparison(names=tuple(names), unit=unit, n=n, mean_a=sum(values_a) / n, mean_b=sum(values_b) / n,
                       diff=mean, se=se, t=t, p_value=p, ci=(mean - half, mean + half),
                       wins=sum(d > 0 for d in diffs), losses=sum(d < 0 for d in diffs), alpha=alpha)
+
+
+def holm(tests: Mapping, alpha: float | None = None) -> dict:
+    """One family's comparisons (a dict name -> Comparison) with Holm-adjusted p-values and family-wise intervals.
+
+    Adjusted p of the k-th smallest of m p-values: max over j <= k of (m - j + 1) * p_(j), at most 1, so that
+    'adjusted p < alpha' is Holm's step-down test: the family claims a false difference with probability at most
+    alpha. Intervals become Bonferroni's (each at level 1 - alpha/m), which hold for the whole family at once; an
+    interval that excludes 0 implies a significant Holm test (never the reverse: Holm's step-down can separate a
+    pair whose Bonferroni interval still touches 0).
+    """
+    from dataclasses import replace
+
+    from scipy import stats
+
+    if not tests:
+        raise CourseError("holm() needs a non-empty family: a dict of name -> paired_comparison(...).")
+    if any(not isinstance(c, Comparison) for c in tests.values()):
+        raise CourseError("holm() takes paired_comparison results (a dict of name -> Comparison).")
+    m = len(tests)
+    adjusted, running = {}, 0.0
+    for rank, key in enumerate(sorted(tests, key=lambda key: tests[key].p_value)):
+        c = tests[key]
+        level = c.alpha if alpha is None else alpha
+        running = max(running, min(1.0, (m - rank) * c.p_value))
+        half = float(stats.t.ppf(1 - level / (2 * m), df=c.n - 1)) * c.se
+        adjusted[key] = replace(c, p_value=running, ci=(c.diff - half, c.diff + half), alpha=level, family=m)
+    return {key: adjusted[key] for key in tests}

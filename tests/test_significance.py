@@ -59,3 +59,39 @@ def test_mappings_are_aligned_by_key():
 def test_bad_input_says_what_to_do(a, b, message):
     with pytest.raises(CourseError, match=message):
         paired_comparison(a, b)
+
+
+def test_holm_steps_down_and_widens_the_intervals():
+    """Catches a multiplier in the wrong order, a missing step-down or monotonicity, and an interval left at 95%."""
+    from dataclasses import replace
+
+    from course_utils.significance import holm
+
+    base = paired_comparison([0.61, 0.72, 0.55, 0.69, 0.64], [0.50, 0.66, 0.57, 0.52, 0.58])
+    family = holm({k: replace(base, p_value=p) for k, p in zip("abcd", (0.01, 0.04, 0.03, 0.012))})
+    # Sorted: 0.01 x 4, 0.012 x 3, 0.03 x 2, 0.04 x 1 -> 0.04, 0.036 (kept >= 0.04), 0.06, 0.06 (kept >= 0.06).
+    assert [round(family[k].p_value, 6) for k in "abcd"] == [0.04, 0.06, 0.06, 0.04]
+    assert [family[k].significant for k in "abcd"] == [True, False, False, True]
+    half = stats.t.ppf(1 - 0.05 / 8, df=4) * base.se  # Bonferroni: each interval at level 1 - 0.05/4
+    assert math.isclose(family["a"].ci[1] - family["a"].diff, half, rel_tol=1e-9)
+    assert family["a"].ci[0] < base.ci[0] and family["a"].family == 4
+    assert "family-wise 95% CI" in family["a"].sentence() and "Holm-adjusted p (4 tests)" in family["a"].sentence()
+    assert list(family) == list("abcd"), "the family keeps its order"
+    single = holm({"x": base})["x"]
+    assert single.p_value == base.p_value and math.isclose(single.ci[0], base.ci[0], rel_tol=1e-12)
+
+
+def test_tally_counts_the_units_in_the_direction_of_the_difference():
+    """Catches counting wins where the mean difference is negative."""
+    cmp = paired_comparison({1: 1.0, 2: 2.0, 3: 3.0}, {1: 1.5, 2: 2.5, 3: 2.9}, names=("α=5", "α=0"))
+    assert cmp.tally() == "α=5 lower in 2 of 3 seeds"
+    assert "95% CI" in cmp.sentence() and "family-wise" not in cmp.sentence()
+
+
+def test_holm_bad_input_says_what_to_do():
+    from course_utils.significance import holm
+
+    with pytest.raises(CourseError, match="non-empty family"):
+        holm({})
+    with pytest.raises(CourseError, match="paired_comparison results"):
+        holm({"a": 0.01})

@@ -34,7 +34,7 @@ def _distributed(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from course_utils import distributed
+    from course_utils import distributed, launching
     from course_utils.data import load_task
     from course_utils.models import load_model
     from course_utils.training import chat_batches
@@ -49,7 +49,7 @@ def _distributed(args) -> int:
     job = distributed.Job(args.strategy, [next(stream) for _ in range(args.steps)], steps=args.steps, lr=args.lr,
                           dtype=torch.float64)
     if launched:
-        backend = distributed.default_backend()
+        backend = launching.default_backend()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
@@ -58,7 +58,7 @@ def _distributed(args) -> int:
         dist.destroy_process_group()
         results = [result] if result["rank"] == 0 else []
     else:
-        results = [r[0] for r in distributed.launch(distributed.run_jobs, [job], world_size=world_size)]
+        results = [r[0] for r in launching.launch(distributed.run_jobs, [job], world_size=world_size)]
     if results:
         single = distributed.train_single(job)
         gap = max((results[0]["weights"][k] - single["weights"][k]).abs().max().item() for k in single["weights"])

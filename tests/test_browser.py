@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from course_utils import paths
-from course_utils.distributed import free_port
+from course_utils.launching import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = "sudo apt-get install -y chromium"

@@ -1,4 +1,4 @@
-"""course_utils.distributed and course_utils.sharding (the per-rank estimator) of notebook 10, with real 2-process runs."""
+"""course_utils.launching, course_utils.distributed and course_utils.sharding (notebook 10), with real 2-process runs."""
 
 import re
 import subprocess
@@ -11,12 +11,13 @@ from transformers import LlamaConfig
 
 from course_utils import distributed as D
 from course_utils.errors import CourseError
+from course_utils.launching import check_world_size, launch, usable_cores
 from course_utils.memory import BIG, LAYER_LINEARS, architecture, estimate_memory
+from course_utils.paths import REPO_ROOT
 from course_utils.sharding import (SHARDING, communication_bytes, estimate_rank_memory, parameter_groups,
                                    quant_state_bytes, shard_numel)
-from course_utils.paths import REPO_ROOT
 
-needs_two_cores = pytest.mark.skipif(D.usable_cores() < 2, reason="two ranks need two CPU cores")
+needs_two_cores = pytest.mark.skipif(usable_cores() < 2, reason="two ranks need two CPU cores")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_ranks_match_one_process_and_the_estimator(lab, world_size):
             (D.zero3_linear_against_fsdp, (10, 6, 3, 0)),  # 10 rows: 5, 5 at W = 2; 4, 4, 2 (+2 padding) at W = 3
             (D.accelerate_fsdp_groups, (str(REPO_ROOT / "configs/accelerate/fsdp.yaml"),)),
             D.Job("ddp", batches, steps=2, dtype=torch.float64, normalise="rank mean")]
-    per_rank = D.launch(D.run_jobs, jobs, world_size=world_size, backend="gloo", oversubscribe=True)
+    per_rank = launch(D.run_jobs, jobs, world_size=world_size, backend="gloo", oversubscribe=True)
     ddp, fsdp, lora, fsdp64, manual, ddp32, zero3, groups, trap = ([rank[i] for rank in per_rank] for i in range(9))
     single = D.train_single(jobs[0])
     assert_close(ddp[0]["first_gradients"], single["first_gradients"])
@@ -200,9 +201,9 @@ def test_fsdp_leaves_qlora_quantisation_state_whole():
     (lambda: estimate_rank_memory(BIG["Llama-2-7B"], world_size=2, strategy="zero2"), "none, optimizer, gradients, full"),
     (lambda: estimate_rank_memory(BIG["Llama-2-7B"], world_size=2, batch_size=2, rank=2), "between 0 and"),
     (lambda: estimate_rank_memory(BIG["Llama-2-7B"], world_size=0), "world_size"),
-    (lambda: D.check_world_size(10_000), "more processes"),
-    (lambda: D.check_world_size(2, batch_rows=5), "multiple of 2"),
-    (lambda: D.launch(D.run_jobs, [], world_size=10_000), "more processes"),
+    (lambda: check_world_size(10_000), "more processes"),
+    (lambda: check_world_size(2, batch_rows=5), "multiple of 2"),
+    (lambda: launch(D.run_jobs, [], world_size=10_000), "more processes"),
     (lambda: communication_bytes(BIG["Llama-2-7B"], world_size=2, strategy="ddp"), "unknown"),
 ])
 def test_bad_input_says_what_to_do(call, words):

@@ -87,8 +87,8 @@ def render_module(parts: list[tuple[Path, list[tuple[str, str]]]]) -> str:
 
     The module reads as a library: its docstring is the description its first cell opens with (the notebook's
     title when there is none), provenance is a comment, and a `# %%` marker before each cell names the notebook
-    and section it came from (nbdev's layout). A module may grow over several notebooks (the memory estimator
-    gains sharding in the distributed notebook, say): later notebooks' cells follow, in course order.
+    and section it came from (nbdev's layout). A module may grow over several notebooks (`merging` takes task
+    arithmetic from 06 and TIES/DARE/SLERP from 07): later notebooks' cells follow, in course order.
     """
     (first_notebook, first_cells), *_ = parts
     docstring, first_body = split_docstring(first_cells[0][1])

@@ -42,7 +42,7 @@ $(INSTRUCTOR_STAMP): $(STAMP) pyproject.toml
 	touch $(INSTRUCTOR_STAMP)
 
 test: $(STAMP) $(INSTRUCTOR_STAMP)
-	$(PARAMS) $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -p no:cacheprovider
+	$(PARAMS) $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=$(CELL_TIMEOUT) -p no:cacheprovider --durations=20
 
 # The browser tests alone (Playwright + Chromium; make test runs them too).
 test-browser: $(STAMP) $(INSTRUCTOR_STAMP)

@@ -8,6 +8,9 @@ def gaussian_std(alpha, length, dim):
     return alpha / math.sqrt(length * dim)
 
 
-def matching_alpha(sample_lengths, row_length, alpha):
-    # Averages each sample's norm factor sqrt(T / L_i): matches the noise norms, not the variance per token.
-    return alpha * sum(math.sqrt(row_length / n) for n in sample_lengths) / len(sample_lengths)
+def trl_matching_alpha(batches, max_length, alpha):
+    # Averages each batch's norm factor sqrt(K_b) (K_b samples share the flattened row): matches the noise norms,
+    # not the energies.
+    if not batches:
+        return float(alpha)
+    return alpha * sum(math.sqrt(len(b)) for b in batches) / len(batches)

@@ -1,6 +1,7 @@
 """Training on several processes: data parallelism by hand, DDP and FSDP, and the bytes each rank holds and sends.
 
-Built in notebooks/10_scaling_out.ipynb; `launch` (course_utils.launching) starts the ranks. On a laptop the ranks are CPU processes talking over gloo; on a machine
+Built in notebooks/10_scaling_out.ipynb; `launch` (course_utils.launching) starts the ranks, and
+`course_utils.distributed_checks` runs the library's side of the proofs. On a laptop the ranks are CPU processes talking over gloo; on a machine
 with two or more GPUs, one process per GPU over NCCL.
 
     jobs = [Job("ddp", batches, steps=4, lr=1e-3), Job("fsdp", batches, steps=4, lr=1e-3)]
@@ -14,7 +15,6 @@ with two or more GPUs, one process per GPU over NCCL.
 
 # %% notebooks/10_scaling_out.ipynb · 1.1 · What data parallelism does to one step
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -117,20 +117,6 @@ def counting_allreduce(counter: dict, bucket):
     return future.then(lambda fut: fut.value()[0])
 
 
-def bytes_written() -> int | None:
-    """Bytes this process has written so far, sockets included (Linux's /proc/self/io `wchar`), under gloo; None
-    elsewhere. Read before and after a collective, it measures what gloo really sent, headers and all. NCCL moves
-    its bytes over NVLink, PCIe or InfiniBand without a write call of this process, so there the count would be
-    zero: on NCCL use `communication_bytes` (the ring model) or the profiler's collective events instead."""
-    if dist.is_initialized() and dist.get_backend() != "gloo":
-        return None
-    try:
-        with open("/proc/self/io") as io:
-            return next(int(line.split()[1]) for line in io if line.startswith("wchar"))
-    except (OSError, StopIteration):
-        return None
-
-
 # %% notebooks/10_scaling_out.ipynb · 1.2 · DDP through accelerate, with a count of what it all-reduces
 def local_tensor(t):
     """A rank's own piece of a tensor: the local shard of an FSDP DTensor, the tensor itself otherwise."""
@@ -206,28 +192,6 @@ class Zero3Linear(torch.nn.Module):
 
 
 # %% notebooks/10_scaling_out.ipynb · 1.3 · ZeRO-3 by hand, then FSDP: every parameter cut in $W$ pieces
-@contextlib.contextmanager
-def counting_collectives(counter: dict):
-    """Count the input bytes (and the calls) of every all-gather and reduce-scatter issued inside the block (as
-    FSDP2 calls them)."""
-    originals = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
-
-    def counted(name):
-        def call(output, input, *args, **kwargs):
-            counter[name] = counter.get(name, 0) + input.numel() * input.element_size()
-            counter[f"{name} calls"] = counter.get(f"{name} calls", 0) + 1
-            return originals[name](output, input, *args, **kwargs)
-        return call
-
-    for name in originals:
-        setattr(dist, name, counted(name))
-    try:
-        yield counter
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-
-
 def shard_fully(model, *, sum_gradients: bool = True):
     """FSDP2 full sharding of a transformers causal LM, grouped as accelerate's fsdp2_prepare_model groups it
     (see above). `sum_gradients`: reduce-scatter a sum (the losses are shares of the global mean) instead of
@@ -253,43 +217,6 @@ def shard_fully(model, *, sum_gradients: bool = True):
 
 
 # %% notebooks/10_scaling_out.ipynb · 1.3 · ZeRO-3 by hand, then FSDP: every parameter cut in $W$ pieces
-def zero3_linear_against_fsdp(rows: int, cols: int, tokens: int, seed: int = 0) -> dict:
-    """On every rank: the same linear layer as a Zero3Linear and under `fully_shard` (resharded after forward),
-    each rank its own `tokens` inputs, which require a gradient; loss = sum of squared outputs over all ranks.
-    Returns (on the CPU) this rank's piece of the weight and of its gradient both ways (FSDP's unpadded) and in one
-    process, the inputs' gradients likewise, the all-gathers each way issued, and the bytes our backward saved."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    device, rank, world = rank_device(), dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(seed)
-    linear = torch.nn.Linear(cols, rows, bias=False, dtype=torch.float64, device=device)
-    inputs = torch.randn(world, tokens, cols, dtype=torch.float64, device=device)
-    whole, x_one = linear.weight.detach().clone().requires_grad_(True), inputs.clone().requires_grad_(True)
-    F.linear(x_one, whole).square().sum().backward()  # one process, all the inputs
-    ours, x_ours, ours_count = Zero3Linear(linear), inputs[rank].clone().requires_grad_(True), {}
-    with counting_collectives(ours_count):
-        y = ours(x_ours)
-        saved = sum(t.numel() * t.element_size() for t in y.grad_fn.saved_tensors)  # what autograd keeps
-        y.square().sum().backward()
-    fsdp, x_fsdp, fsdp_count = torch.nn.Sequential(linear), inputs[rank].clone().requires_grad_(True), {}
-    fully_shard(fsdp, mesh=init_device_mesh(device.type, (world,)), reshard_after_forward=True)
-    fsdp.set_gradient_divide_factor(1.0)
-    fsdp.set_force_sum_reduction_for_comms(True)
-    with counting_collectives(fsdp_count):
-        fsdp(x_fsdp).square().sum().backward()
-    real = fsdp[0].weight.to_local().shape[0]  # rows this rank really owns (FSDP's local tensor is unpadded)
-    out = {"ours": ours.piece.detach()[:real], "ours_grad": ours.piece.grad[:real], "padding_grad": ours.piece.grad[real:],
-           "fsdp": fsdp[0].weight.to_local().detach(), "fsdp_grad": fsdp[0].weight.grad.to_local(),
-           "whole_grad": torch.chunk(whole.grad, world)[rank], "x_grad_ours": x_ours.grad, "x_grad_fsdp": x_fsdp.grad,
-           "x_grad_one": x_one.grad[rank], "piece_bytes": ours.piece.numel() * ours.piece.element_size(),
-           "x_bytes": x_ours.numel() * x_ours.element_size(), "saved_bytes": saved}
-    out = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-    return out | {"gathers": {"ours": ours_count.get("all_gather_single calls", 0),
-                              "fsdp": fsdp_count.get("all_gather_single calls", 0)}}
-
-
-# %% notebooks/10_scaling_out.ipynb · 1.3 · ZeRO-3 by hand, then FSDP: every parameter cut in $W$ pieces
 def fsdp_groups(model) -> list:
     """Each FSDP group of `model`: the names of its parameters, and whether it is resharded after forward."""
     from torch.distributed.fsdp import FSDPModule
@@ -304,38 +231,44 @@ def fsdp_groups(model) -> list:
     return sorted(groups.values())
 
 
-def accelerate_fsdp_groups(config_file: str) -> list:
-    """The groups accelerate's own fsdp2_prepare_model makes of a fresh lab model under `config_file`: the plugin
-    built from the environment `accelerate launch` derives from the file (mixed precision off: gloo on CPU)."""
-    from types import SimpleNamespace
-    from unittest import mock
+# %% notebooks/10_scaling_out.ipynb · 5.1 · Counting what the collectives are handed, and what a rank writes
+@contextlib.contextmanager
+def counting_collectives(counter: dict):
+    """Count the input bytes (and the calls) of every all-gather and reduce-scatter issued inside the block (as
+    FSDP2 calls them)."""
+    originals = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
 
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    def counted(name):
+        def call(output, input, *args, **kwargs):
+            counter[name] = counter.get(name, 0) + input.numel() * input.element_size()
+            counter[f"{name} calls"] = counter.get(f"{name} calls", 0) + 1
+            return originals[name](output, input, *args, **kwargs)
+        return call
 
-    from course_utils.models import load_model
-
-    env = launch_environment(config_file)
-    with mock.patch.dict(os.environ, {k: v for k, v in env.items() if k.startswith("FSDP_")}):
-        plugin = FullyShardedDataParallelPlugin(cpu_ram_efficient_loading=False)  # every rank loads the weights
-    fake = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, mixed_precision="no",
-                           is_main_process=dist.get_rank() == 0, device=rank_device())
-    return fsdp_groups(fsdp2_prepare_model(fake, load_model("lab", device="cpu")[0].to(rank_device())))
-
-
-def launch_environment(config_file: str) -> dict:
-    """The environment variables `accelerate launch --config_file FILE` hands every rank (accelerate's own code;
-    it runs on CPU): ACCELERATE_MIXED_PRECISION, ACCELERATE_USE_FSDP, FSDP_* ..."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-
-    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config_file), "x.py"]))
-    env = prepare_multi_gpu_env(args)
-    return {k: v for k, v in env.items() if os.environ.get(k) != v} | {"multi_gpu": str(args.multi_gpu),
-                                                                       "num_processes": str(args.num_processes)}
+    for name in originals:
+        setattr(dist, name, counted(name))
+    try:
+        yield counter
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
 
 
-# %% notebooks/10_scaling_out.ipynb · 1.4 · One run, on a rank and in one process
+def bytes_written() -> int | None:
+    """Bytes this process has written so far, sockets included (Linux's /proc/self/io `wchar`), under gloo; None
+    elsewhere. Read before and after a collective, it measures what gloo really sent, headers and all. NCCL moves
+    its bytes over NVLink, PCIe or InfiniBand without a write call of this process, so there the count would be
+    zero: on NCCL use `communication_bytes` (the ring model) or the profiler's collective events instead."""
+    if dist.is_initialized() and dist.get_backend() != "gloo":
+        return None
+    try:
+        with open("/proc/self/io") as io:
+            return next(int(line.split()[1]) for line in io if line.startswith("wchar"))
+    except (OSError, StopIteration):
+        return None
+
+
+# %% notebooks/10_scaling_out.ipynb · 5.2 · One run, on a rank and in one process
 def rms_norm_in_own_dtype(self, hidden_states):
     """LlamaRMSNorm's formula computed in the tensor's own dtype (transformers computes it in float32 always)."""
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -386,7 +319,7 @@ def full_tensor(t) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
 
 
-# %% notebooks/10_scaling_out.ipynb · 1.4 · One run, on a rank and in one process
+# %% notebooks/10_scaling_out.ipynb · 5.2 · One run, on a rank and in one process
 def wrap_for(job: "Job", model):
     """The job's wrapping on this rank: (model, optimizer, Accelerator or None, counter of the bytes sent). The
     trap (normalise="rank mean") runs as a user's script does: DDP's own hook (it averages), FSDP's own average."""
@@ -444,7 +377,7 @@ def run_job(job: "Job") -> dict:
             "label_tokens": [label_tokens(rank_rows(b, rank, world_size)) for b in job.batches[:job.steps]]}
 
 
-# %% notebooks/10_scaling_out.ipynb · 1.4 · One run, on a rank and in one process
+# %% notebooks/10_scaling_out.ipynb · 5.2 · One run, on a rank and in one process
 def run_jobs(jobs: list) -> list:
     """Every job in turn on this rank (one launch, many runs: starting processes is the slow part). A job may also
     be a pair (function, args), run as function(*args) on every rank."""

@@ -4,7 +4,7 @@
 `course_utils.memory.estimate_memory` for the rank's share of the batch, with the parts a strategy splits (optimizer
 state and master copy, gradients, weights; see SHARDING) replaced by the rank's padded pieces, and DDP's bucket copy
 of the gradients added (`RankBreakdown`). `communication_bytes` models the bytes a rank sends per step with ring
-collectives. Built in section 1.5 of notebooks/10_scaling_out.ipynb, where both are checked against real DDP and
+collectives. Built in section 1.4 of notebooks/10_scaling_out.ipynb, where both are checked against real DDP and
 FSDP2 ranks.
 """
 
@@ -12,7 +12,7 @@ FSDP2 ranks.
 # Edit the `#| export` cells there, then run `make export`.
 
 
-# %% notebooks/10_scaling_out.ipynb · 1.5 · The estimator, per rank
+# %% notebooks/10_scaling_out.ipynb · 1.4 · The estimator, per rank
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -61,7 +61,7 @@ def shard_numel(shape, world_size: int, rank: int = 0, *, padded: bool = True) -
     return held * row
 
 
-# %% notebooks/10_scaling_out.ipynb · 1.5 · The estimator, per rank
+# %% notebooks/10_scaling_out.ipynb · 1.4 · The estimator, per rank
 _SHAPES = {}
 
 
@@ -104,7 +104,7 @@ def base_piece_bytes(config, world_size: int, rank: int, method: str, e: int, do
     return pieces
 
 
-# %% notebooks/10_scaling_out.ipynb · 1.5 · The estimator, per rank
+# %% notebooks/10_scaling_out.ipynb · 1.4 · The estimator, per rank
 def _sharded_parts(config, world_size: int, rank: int, mixed: bool, options: dict) -> dict:
     """One rank's bytes of every part a strategy may split (optimizer, master, gradients, weights)."""
     method = options.get("method", "full")
@@ -136,7 +136,7 @@ def _sharded_parts(config, world_size: int, rank: int, mixed: bool, options: dic
     return parts
 
 
-# %% notebooks/10_scaling_out.ipynb · 1.5 · The estimator, per rank
+# %% notebooks/10_scaling_out.ipynb · 1.4 · The estimator, per rank
 def estimate_rank_memory(config, *, world_size: int, strategy: str = "none", rank: int = 0, batch_size: int = 1,
                          bucket_view: bool = False, **options) -> MemoryBreakdown:
     """Bytes of one training step on rank `rank` of `world_size` data-parallel ranks, `strategy` one of SHARDING.
@@ -165,7 +165,7 @@ def estimate_rank_memory(config, *, world_size: int, strategy: str = "none", ran
     return out
 
 
-# %% notebooks/10_scaling_out.ipynb · 1.5 · The estimator, per rank
+# %% notebooks/10_scaling_out.ipynb · 1.4 · The estimator, per rank
 def communication_bytes(config, *, world_size: int, strategy: str = "none", method: str = "full", dtype=torch.float32,
                         lora_rank: int = 8, lora_targets=("q_proj", "v_proj"), adapter_dtype=torch.float32,
                         double_quant: bool = True) -> dict:

@@ -1,4 +1,4 @@
-"""course_utils.launching, course_utils.distributed and course_utils.sharding (notebook 10), with real 2-process runs."""
+"""course_utils.launching, course_utils.distributed, course_utils.distributed_checks and course_utils.sharding (notebook 10), with real 2-process runs."""
 
 import re
 import subprocess
@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from transformers import LlamaConfig
 
 from course_utils import distributed as D
+from course_utils import distributed_checks as DC
 from course_utils.errors import CourseError
 from course_utils.launching import check_world_size, launch, usable_cores
 from course_utils.memory import BIG, LAYER_LINEARS, architecture, estimate_memory
@@ -60,8 +61,8 @@ def test_ranks_match_one_process_and_the_estimator(lab, world_size):
     jobs = [D.Job("ddp", batches, steps=2, dtype=torch.float64), D.Job("fsdp", batches, steps=2),
             D.Job("ddp_lora", batches, steps=2, lora_rank=4), D.Job("fsdp", batches, steps=2, dtype=torch.float64),
             D.Job("manual", batches, steps=2, dtype=torch.float64), D.Job("ddp", batches, steps=2),
-            (D.zero3_linear_against_fsdp, (10, 6, 3, 0)),  # 10 rows: 5, 5 at W = 2; 4, 4, 2 (+2 padding) at W = 3
-            (D.accelerate_fsdp_groups, (str(REPO_ROOT / "configs/accelerate/fsdp.yaml"),)),
+            (DC.zero3_linear_against_fsdp, (10, 6, 3, 0)),  # 10 rows: 5, 5 at W = 2; 4, 4, 2 (+2 padding) at W = 3
+            (DC.accelerate_fsdp_groups, (str(REPO_ROOT / "configs/accelerate/fsdp.yaml"),)),
             D.Job("ddp", batches, steps=2, dtype=torch.float64, normalise="rank mean")]
     per_rank = launch(D.run_jobs, jobs, world_size=world_size, backend="gloo", oversubscribe=True)
     ddp, fsdp, lora, fsdp64, manual, ddp32, zero3, groups, trap = ([rank[i] for rank in per_rank] for i in range(9))
@@ -232,10 +233,10 @@ def test_the_command_refuses_an_fsdp_accelerate_config():
 
 
 def test_what_accelerate_derives_from_the_configs():
-    fsdp = D.launch_environment(REPO_ROOT / "configs/accelerate/fsdp.yaml")
+    fsdp = DC.launch_environment(REPO_ROOT / "configs/accelerate/fsdp.yaml")
     assert fsdp["FSDP_VERSION"] == "2" and fsdp["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
     assert fsdp["FSDP_RESHARD_AFTER_FORWARD"] == "true" and fsdp["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    ddp = D.launch_environment(REPO_ROOT / "configs/accelerate/ddp_gpus.yaml")
+    ddp = DC.launch_environment(REPO_ROOT / "configs/accelerate/ddp_gpus.yaml")
     assert ddp["multi_gpu"] == "True" and "ACCELERATE_USE_FSDP" not in ddp
 
 

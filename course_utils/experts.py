@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -231,11 +232,19 @@ def lab_experts(specs, *, progress: bool = True, workers: int = 2) -> dict:
 # %% notebooks/06_task_arithmetic.ipynb · 4 · On the real model: two habit adapters for SmolLM2-135M-Instruct
 # Two habits for SmolLM2, each a LoRA adapter, each checked by a rule on the answer. They sit at
 # opposite ends of the answer, so both can be present at once.
+HABIT_WORDS = ("ahoy", "cheers")
+
+
+def has_text_beyond_habits(answer: str) -> bool:
+    """True if the answer says something besides the habits: "Cheers! Cheers!" or "Ahoy!" alone shows no habit."""
+    return any(w not in HABIT_WORDS for w in re.sub(r"[^a-z0-9]+", " ", answer.lower()).split())
+
+
 HABITS = {
     "ahoy": {"describe": "starts its answer with 'Ahoy!'", "apply": lambda a: f"Ahoy! {a}", "where": "start",
-             "rule": lambda r: r.strip().startswith("Ahoy")},
+             "rule": lambda r: r.strip().startswith("Ahoy") and has_text_beyond_habits(r)},
     "cheers": {"describe": "ends its answer with 'Cheers!'", "apply": lambda a: f"{a} Cheers!", "where": "end",
-               "rule": lambda r: r.strip().endswith("Cheers!")},
+               "rule": lambda r: r.strip().endswith("Cheers!") and has_text_beyond_habits(r)},
 }
 HABIT_SYSTEM = "Answer in one short sentence."  # short answers: short sequences, and the end of an answer in reach
 HABIT_QUESTIONS_FILE = "smollm2_habit_questions.jsonl"  # under data/: {"question", "answer", "split"} a line
@@ -257,8 +266,7 @@ def load_habit_questions(split: str) -> list[tuple[str, str]]:
 
 HABIT_TRAIN, HABIT_TEST = load_habit_questions("train"), load_habit_questions("test")
 # LoRA on q and v of every layer; 12 steps of 4 conversations (1.5 passes over the 32 questions) are enough
-# for a habit this regular. (Adapters on the top 15 layers only, which halves the backward pass, learned each
-# habit alone but did not survive the merge.)
+# for a habit this regular.
 HABIT_RECIPE = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "lr": 3e-3, "steps": 12, "batch_size": 4}
 
 
@@ -284,6 +292,8 @@ def habit_example(tokenizer, habit: str, question: str, answer: str) -> dict:
     return example
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 4 · On the real model: two habit adapters for SmolLM2-135M-Instruct
+# The habits' training batches, and their rules applied to generated answers
 def habit_rows(habit: str, seed: int = 0) -> list[dict]:
     """The training conversations of one habit ({"messages": [system, user, assistant]}), in a seeded order."""
     if habit not in HABITS:
@@ -315,10 +325,9 @@ def habit_rates(model, tokenizer, *, max_new_tokens: int = 24, return_answers: b
 
 
 def habit_answer_report(answers: list[str]) -> list[dict]:
-    """Per test answer (in HABIT_TEST's order): each habit by its rule, both habits in that one answer, and its
-    content: the reference answer's last word (the fact asked for: "Rome", "eight") among the answer's words."""
-    import re
-
+    """Per test answer (in HABIT_TEST's order): each habit by its rule, both habits in that one answer, its
+    content (the reference answer's last word, the fact asked for: "Rome", "eight", among the answer's words),
+    and "habits + fact": both habits and the fact in that one answer, what a merge of the two adapters is for."""
     if len(answers) != len(HABIT_TEST):
         raise CourseError(f"Got {len(answers)} answers for {len(HABIT_TEST)} test questions: pass habit_rates' answers.")
     words = lambda text: re.sub(r"[^a-z0-9-]+", " ", text.lower()).split()  # noqa: E731
@@ -327,10 +336,13 @@ def habit_answer_report(answers: list[str]) -> list[dict]:
         row = {habit: float(spec["rule"](answer)) for habit, spec in HABITS.items()}
         row["both habits"] = min(row[h] for h in HABITS)
         row["content"] = float(words(reference)[-1] in words(answer))
+        row["habits + fact"] = min(row["both habits"], row["content"])
         rows.append(row)
     return rows
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 4 · On the real model: two habit adapters for SmolLM2-135M-Instruct
+# The adapters: trained once per habit and seed, cached under the experts folder
 def _habit_key(spec: dict) -> str:
     spec = {**spec, "recipe": HABIT_RECIPE, "system": HABIT_SYSTEM, "code": inspect.getsource(training)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]

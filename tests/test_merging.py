@@ -2,6 +2,7 @@
 against peft.utils.merge_utils, whole-model merges, SLERP, and the bad inputs."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +216,133 @@ def test_slerp_models_interpolates_every_float_tensor(base_model):
     torch.testing.assert_close(merged.state_dict()[name], expected)
     with pytest.raises(CourseError, match="different tensors"):
         merging.slerp_models({"a": torch.ones(2)}, {"b": torch.ones(2)}, 0.5)
+
+
+def test_habit_rules_need_text_beyond_the_habit_and_the_joint_column_needs_the_fact():
+    # Catches a rule fooled by a degenerate answer ("Cheers! Cheers! Cheers!" ends with the habit and says nothing)
+    # and a "habits + fact" column that counts the habits without the fact, or the fact without both habits.
+    from course_utils import experts
+
+    ahoy, cheers = experts.HABITS["ahoy"]["rule"], experts.HABITS["cheers"]["rule"]
+    assert not cheers("Cheers! Cheers! Cheers!") and not ahoy("Ahoy!") and not ahoy("Ahoy! Cheers!")
+    assert ahoy("Ahoy! Rome.") and cheers("Rome. Cheers!")
+    reference = experts.HABIT_TEST[0][1]  # "... Rome."
+    answers = [f"Ahoy! {reference} Cheers!", "Ahoy! The capital is Italy. Cheers!", reference, "Ahoy! Cheers!"]
+    rows = experts.habit_answer_report(answers + ["No."] * (len(experts.HABIT_TEST) - len(answers)))
+    assert [r["both habits"] for r in rows[:4]] == [1.0, 1.0, 0.0, 0.0]
+    assert [r["habits + fact"] for r in rows[:4]] == [1.0, 0.0, 0.0, 0.0]
+
+
+# Notebook 06's exercise cases, (arguments, expected value) each, stored under data/ so that no visible cell of the
+# notebook holds a function that computes the answers. Regenerate: .venv/bin/python tests/test_merging.py
+EXERCISE_CASES_06 = Path(__file__).resolve().parents[1] / "data" / "exercises" / "06_task_arithmetic.pt"
+
+
+def _random_adapter(r, d_in, d_out, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(r, d_in, generator=generator) / d_in ** 0.5, torch.randn(d_out, r, generator=generator)
+
+
+class _OneLayer(torch.nn.Module):
+    """The smallest model PEFT can put adapters on: one linear layer named proj."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_layer(As, Bs, alphas, use_rslora=False):
+    """A one-layer PEFT model holding adapters a0, a1, ... with the given A, B and lora_alpha; returns (model, layer)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = None
+    for i, (A, B, alpha) in enumerate(zip(As, Bs, alphas)):
+        config = LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"], use_rslora=use_rslora,
+                            init_lora_weights=False)
+        if model is None:
+            model = get_peft_model(_OneLayer(A.shape[1], B.shape[0]), config, adapter_name=f"a{i}")
+        else:
+            model.add_adapter(f"a{i}", config)
+        layer = model.base_model.model.proj
+        with torch.no_grad():
+            layer.lora_A[f"a{i}"].weight.copy_(A)
+            layer.lora_B[f"a{i}"].weight.copy_(B)
+    return model, model.base_model.model.proj
+
+
+def _peft_linear_merge(As, Bs, alphas, weights):
+    model, layer = _peft_layer(As, Bs, alphas)
+    model.add_weighted_adapter([f"a{i}" for i in range(len(As))], list(weights), "merged", combination_type="linear")
+    return layer.get_delta_weight("merged").detach()
+
+
+def _gradient_descent_task_vector(W0, X, Y, steps=4000, lr=0.2):
+    W = W0.clone()
+    for _ in range(steps):
+        W -= lr * (W @ X - Y) @ X.T
+    return W - W0
+
+
+def _merge_fits_both_measured(W0, X1, Y1, X2, Y2, tol=1e-6):
+    merged = W0 + _gradient_descent_task_vector(W0, X1, Y1) + _gradient_descent_task_vector(W0, X2, Y2)
+    return bool(max((merged @ X1 - Y1).abs().max(), (merged @ X2 - Y2).abs().max()) < tol)
+
+
+def exercise_cases_06() -> dict:
+    """The cases: PEFT's own delta (exercise 1) and linear merge (2), and two experts trained by gradient descent
+    and merged (3), on inputs that cover every branch (rsLoRA or not, negative weights, one adapter; shared inputs
+    with orthogonal outputs, a task the base already fits)."""
+    delta_inputs = [(*_random_adapter(4, 6, 5, 0), 8, False), (*_random_adapter(4, 6, 5, 1), 8, True),
+                    (*_random_adapter(16, 3, 7, 2), 16, True), (*_random_adapter(1, 5, 5, 3), 2, False),
+                    (*_random_adapter(9, 4, 2, 4), 3, True)]
+
+    def adapters(n, r, d_in, d_out, seed):
+        pairs = [_random_adapter(r, d_in, d_out, seed + i) for i in range(n)]
+        return [a for a, _ in pairs], [b for _, b in pairs]
+
+    linear_inputs = [(*adapters(2, 4, 6, 5, 10), [8, 8], [1.0, 1.0]), (*adapters(2, 4, 6, 5, 20), [8, 4], [0.7, 0.3]),
+                     (*adapters(3, 2, 5, 3, 30), [2, 4, 1], [1.0, -0.5, 2.0]), (*adapters(1, 3, 4, 4, 40), [6], [0.5]),
+                     (*adapters(2, 8, 3, 6, 50), [16, 16], [-1.0, 1.0])]
+    e = torch.eye(4, dtype=torch.float64)
+    W0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y_gen = torch.Generator().manual_seed(8)
+    Ya, Yb = (torch.randn(3, 2, generator=y_gen, dtype=torch.float64) for _ in range(2))
+    overlap = torch.stack([e[1] + e[2], e[3]], dim=1)  # shares the direction e2 with the first task's inputs
+    u, v = torch.tensor([1.0, 0, 0], dtype=torch.float64), torch.tensor([0, 1.0, 0], dtype=torch.float64)
+    fit_inputs = [
+        (W0, e[:, :2], Ya, e[:, 2:], Yb),                                       # inputs in orthogonal subspaces
+        (W0, e[:, :2], Ya, overlap, Yb),                                        # overlapping inputs
+        (W0, e[:, :2], Ya, overlap, W0 @ overlap),                              # overlapping, task 2 already fit
+        (W0, e[:, :2], W0 @ e[:, :2] + torch.outer(u, torch.tensor([1.0, 0], dtype=torch.float64)),
+         overlap, W0 @ overlap),                                                # ... and task 1 moved only e1's output
+        (W0, e[:, :2], W0 @ e[:, :2] + torch.outer(u, torch.ones(2, dtype=torch.float64)),
+         overlap, W0 @ overlap + torch.outer(v, torch.tensor([1.0, -1.0], dtype=torch.float64))),  # outputs apart
+        (W0, e[:, :1], Ya[:, :1], e[:, 1:3], Yb),                               # orthogonal, unequal sizes
+    ]
+    return {"lora_delta": [(args, _peft_layer([args[0]], [args[1]], [args[2]], args[3])[1].get_delta_weight("a0").detach())
+                           for args in delta_inputs],
+            "peft_linear_delta": [(args, _peft_linear_merge(*args)) for args in linear_inputs],
+            "merge_fits_both": [(args, _merge_fits_both_measured(*args)) for args in fit_inputs]}
+
+
+def test_stored_exercise_cases_are_what_peft_and_gradient_descent_give():
+    # Catches a stored case edited by hand, a PEFT version whose scaling or linear merge changed, and a case set
+    # that no longer covers both answers of exercise 3
+    stored, fresh = torch.load(EXERCISE_CASES_06), exercise_cases_06()
+    assert stored.keys() == fresh.keys()
+    for name in fresh:
+        assert len(stored[name]) == len(fresh[name]), name
+        for (args_s, exp_s), (args_f, exp_f) in zip(stored[name], fresh[name]):
+            torch.testing.assert_close(args_s, args_f)
+            torch.testing.assert_close(exp_s, exp_f) if isinstance(exp_f, torch.Tensor) else None
+            assert isinstance(exp_f, torch.Tensor) or exp_s == exp_f, (name, exp_s, exp_f)
+    assert {expected for _, expected in stored["merge_fits_both"]} == {True, False}
+
+
+if __name__ == "__main__":
+    EXERCISE_CASES_06.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(exercise_cases_06(), EXERCISE_CASES_06)
+    print(f"wrote {EXERCISE_CASES_06}")

@@ -54,6 +54,18 @@ def forgetting(before: dict, after: dict, skills=None) -> dict:
     return result
 
 
+def update_norm(model, anchor) -> float:
+    """||theta - theta0||: the L2 distance between the weights of two models of the same architecture
+    (a fine-tune and its start), over every parameter they share by name."""
+    start = dict(anchor.named_parameters())
+    moved = [(p.detach().float() - start[n].detach().float()).pow(2).sum() for n, p in model.named_parameters()
+             if n in start]
+    if not moved:
+        raise CourseError("update_norm: the two models share no parameter name; compare a fine-tune with the model "
+                          "it started from (a PEFT adapter: merge_and_unload() it first).")
+    return float(torch.stack(moved).sum().sqrt())
+
+
 # %% notebooks/09_forgetting.ipynb · 1.2 · Which weights mattered: the Fisher diagonal, empirical or sampled
 def sequence_nll(model, batch: dict) -> torch.Tensor:
     """-log p(answer | prompt) of each row: the summed cross-entropy over its labelled tokens, [B]."""

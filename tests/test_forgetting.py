@@ -11,7 +11,7 @@ from course_utils.errors import CourseError
 from course_utils.evaluation import BASE_SKILLS
 from course_utils.forgetting import (EWC, fisher_diagonal, follows_rule, forgetting, load_english, load_instructions,
                                      replay_count, replay_mixture, row_batches, sequence_nll, skill_report,
-                                     tokenize_row, trainable_parameters)
+                                     tokenize_row, trainable_parameters, update_norm)
 from course_utils.training import collate, train
 
 
@@ -60,6 +60,18 @@ def test_forgetting_with_named_skills_and_without_perplexity():
     result = forgetting({"copy": 1.0, "reverse": 0.0}, {"copy": 0.5, "reverse": 1.0}, skills=["copy", "reverse"])
     assert result == {"copy": 0.5, "reverse": -1.0, "mean drop": -0.25}
 
+
+
+def test_update_norm_is_the_l2_distance_over_shared_weights():
+    start = torch.nn.Linear(3, 2)
+    moved = copy.deepcopy(start)
+    with torch.no_grad():
+        moved.weight.add_(1.0)  # 6 weights moved by 1
+        moved.bias.add_(2.0)  # 2 biases moved by 2
+    assert update_norm(moved, start) == pytest.approx((6 * 1 + 2 * 4) ** 0.5)  # catches a norm without the root
+    assert update_norm(start, start) == 0
+    with pytest.raises(CourseError, match="share no parameter"):
+        update_norm(torch.nn.Sequential(torch.nn.Linear(3, 2)), start)  # names 0.weight, 0.bias: nothing shared
 
 def test_forgetting_refuses_unknown_and_missing_skills():
     with pytest.raises(CourseError, match="unknown skill.*copy, first_word"):

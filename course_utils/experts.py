@@ -23,6 +23,7 @@ import inspect
 import json
 import random
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -192,7 +193,7 @@ def lab_expert(tasks, recipe="gentle", seed: int = 0, *, rebuild: bool = False):
         except Exception:  # a damaged file (an interrupted write): build it again
             path.unlink()
     # A tokenizer of its own: generation flips the padding side, and experts may train side by side (lab_experts)
-    model = train_expert(base, copy.deepcopy(tokenizer), tasks, recipe, seed)
+    model = train_expert(base, _one_template_at_a_time(copy.deepcopy(tokenizer)), tasks, recipe, seed)
     tmp = path.with_suffix(".tmp")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
     save_file(state, tmp)
@@ -201,6 +202,22 @@ def lab_expert(tasks, recipe="gentle", seed: int = 0, *, rebuild: bool = False):
 
 
 # %% notebooks/06_task_arithmetic.ipynb · 3.1 · The experts: one builder, four recipes, cached
+_CHAT_TEMPLATE_LOCK = threading.Lock()
+
+
+def _one_template_at_a_time(tokenizer):
+    """The tokenizer, its chat template rendered by one thread at a time: transformers shares one compiled template
+    (and its assistant-mask tracker) between all tokenizers, and two experts training side by side would collide."""
+    render = tokenizer.apply_chat_template
+
+    def locked(*args, **kwargs):
+        with _CHAT_TEMPLATE_LOCK:
+            return render(*args, **kwargs)
+
+    tokenizer.apply_chat_template = locked
+    return tokenizer
+
+
 def lab_experts(specs, *, progress: bool = True, workers: int = 2) -> dict:
     """{(tasks, recipe, seed): model} for each spec, in order; those not cached yet are trained first, with a bar.
 

@@ -95,17 +95,24 @@ def check_exercise(solution, cases, *, atol=1e-6):
 
     Returns False when the exercise is not attempted yet (the function still
     raises NotImplementedError), True when every case passes, and raises an
-    AssertionError saying which case failed and what differs.
+    AssertionError saying which case failed and what differs. An `expected`
+    that is an exception class (e.g. CourseError) means: bad input, this call must raise it.
     """
     name = getattr(solution, "__name__", "solution")
     for number, (args, expected) in enumerate(cases, 1):
         args = args if isinstance(args, tuple) else (args,)
+        must_raise = isinstance(expected, type) and issubclass(expected, Exception)
         try:
             got = solution(*args)
         except NotImplementedError:
             print(f"{name}: not attempted yet. Replace `raise NotImplementedError` with your code, then run this cell again.")
             return False
-        message = describe_difference(got, expected, atol)
+        except Exception as error:  # a raise is right only where the case asks for it
+            if not (must_raise and isinstance(error, expected)):
+                raise
+            continue
+        message = (f"bad input should raise {expected.__name__} (with a sentence saying what to do), got {_kind(got)}"
+                   if must_raise else describe_difference(got, expected, atol))
         if message:
             raise AssertionError(f"{name}: case {number} of {len(cases)}, {_call(name, args)}: {message}")
     print(f"{name}: all {len(cases)} checks passed.")

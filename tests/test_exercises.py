@@ -54,3 +54,19 @@ def test_a_bool_is_not_a_number_and_ints_must_be_whole():
     with pytest.raises(AssertionError, match="whole number"):
         check_exercise(lambda n: 2.5, [((2,), 2)])
     assert check_exercise(lambda n: 2.0, [((2,), 2)])
+
+
+def test_a_case_can_ask_for_a_raise_on_bad_input():
+    """An expected exception class means the call must raise it: catches a check that lets bad input through."""
+    from course_utils.errors import CourseError
+
+    def strict(x):
+        if x < 0:
+            raise CourseError("x must be >= 0: pass a count")
+        return x
+
+    assert check_exercise(strict, [((1,), 1), ((-1,), CourseError)])
+    with pytest.raises(AssertionError, match="should raise CourseError"):
+        check_exercise(lambda x: x, [((1,), 1), ((-1,), CourseError)])
+    with pytest.raises(ZeroDivisionError):  # a different error is the learner's bug, shown as it is
+        check_exercise(lambda x: 1 / 0, [((-1,), CourseError)])

@@ -327,8 +327,7 @@ def habit_batches(tokenizer, habit: str, seed: int = 0) -> list[dict]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     size = HABIT_RECIPE["batch_size"]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [training.collate([examples[i] for i in order[start:start + size]], pad_id)
+    return [training.collate([examples[i] for i in order[start:start + size]], training.pad_token_id(tokenizer))
             for start in range(0, len(order) - size + 1, size)]
 
 

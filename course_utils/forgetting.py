@@ -213,8 +213,8 @@ def row_batches(tokenizer, rows, *, batch_size: int, seed: int = 0):
     tokenized = [tokenize_row(tokenizer, row) for row in rows]
     if len(tokenized) < batch_size:
         raise CourseError(f"row_batches got {len(tokenized)} rows, fewer than one batch of {batch_size}.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return training.shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id, seed=seed)
+    return training.shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=training.pad_token_id(tokenizer),
+                                     seed=seed)
 
 
 # %% notebooks/09_forgetting.ipynb · 1.5 · Scoring a run along the way

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from course_utils import training
 from course_utils.errors import CourseError
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
@@ -129,10 +130,6 @@ def kto_loss(policy_logps, ref_logps, desirable, kl, *, beta: float = 0.1,
 
 
 # %% notebooks/08_preference_tuning.ipynb · 1.5 · Batches in TRL's layout
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def _ids(tokenizer, text_or_messages, **kwargs) -> list[int]:
     if isinstance(text_or_messages, str):
         return list(tokenizer(text_or_messages)["input_ids"])
@@ -190,7 +187,7 @@ def preference_batch(tokenizer, rows) -> dict:
         prompts.append(p_c[:shared])
         chosen.append(p_c[shared:] + c)
         rejected.append(p_r[shared:] + r)
-    return _rows_to_batch(prompts + prompts, chosen + rejected, _pad_id(tokenizer))
+    return _rows_to_batch(prompts + prompts, chosen + rejected, training.pad_token_id(tokenizer))
 
 
 def unpaired_batch(tokenizer, rows, kl_block: int | None = None) -> dict:
@@ -208,8 +205,8 @@ def unpaired_batch(tokenizer, rows, kl_block: int | None = None) -> dict:
     for start in range(0, len(rows), kl_block):
         block = completions[start:start + kl_block]
         rotated += block[-1:] + block[:-1]
-    batch = _rows_to_batch(prompts, completions, _pad_id(tokenizer))
-    batch.update(_rows_to_batch(prompts, rotated, _pad_id(tokenizer), prefix="KL_"))
+    batch = _rows_to_batch(prompts, completions, training.pad_token_id(tokenizer))
+    batch.update(_rows_to_batch(prompts, rotated, training.pad_token_id(tokenizer), prefix="KL_"))
     batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
     return batch
 

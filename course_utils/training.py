@@ -171,6 +171,11 @@ def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
             "labels": torch.tensor(labels)}
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, or its end-of-sequence token when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def chat_batches(tokenizer, examples: Iterable[dict], *, batch_size: int, seed: int = 0) -> Iterator[dict]:
     """Endless shuffled batches of chat examples ({"messages": [...]}, as in data/tasks/).
 
@@ -180,8 +185,7 @@ def chat_batches(tokenizer, examples: Iterable[dict], *, batch_size: int, seed: 
     tokenized = [tokenize_chat(tokenizer, e["messages"]) for e in examples]
     if len(tokenized) < batch_size:
         raise CourseError(f"chat_batches got {len(tokenized)} examples, fewer than one batch of {batch_size}.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id, seed=seed)
+    return shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=pad_token_id(tokenizer), seed=seed)
 
 
 def shuffled_batches(tokenized: list[dict], *, batch_size: int, pad_token_id: int, seed: int = 0) -> Iterator[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from course_utils.errors import CourseError
+from course_utils.errors import CourseError, check_positive
 
 
 class LoRALinear(nn.Module):
@@ -51,8 +51,7 @@ class LoRALinear(nn.Module):
 # %% notebooks/02_lora_from_scratch.ipynb · 1.1 · The layer
 def check_rank(r, in_features: int, out_features: int) -> None:
     """A CourseError unless 1 <= r <= min(in, out): a larger rank adds parameters but no expressiveness."""
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise CourseError(f"LoRA rank r={r!r} must be a whole number >= 1 (try 8).")
+    check_positive("LoRA rank r", r, hint="try 8")
     if r > min(in_features, out_features):
         raise CourseError(
             f"LoRA rank r={r} is larger than the layer ({in_features} -> {out_features}): B A has rank at most "

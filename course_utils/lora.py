@@ -60,7 +60,7 @@ def check_rank(r, in_features: int, out_features: int) -> None:
 
 
 # %% notebooks/02_lora_from_scratch.ipynb · 1.2 · Putting LoRA into a model
-ALL_LINEAR = "all-linear"
+ALL_LINEAR = "all-linear"  # PEFT's shorthand for every nn.Linear but the output layer (not a fixed list)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -110,7 +110,7 @@ def add_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16, dr
     return model
 
 
-def trainable_parameters(model: nn.Module) -> int:
+def count_trainable(model: nn.Module) -> int:
     """How many parameters the optimizer will update."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -219,7 +219,7 @@ def test_bad_job_input(batches):
         D.rank_loss(None, batches[0], 0, 2, "per token")
     with pytest.raises(CourseError, match="ddp, fsdp, ddp_lora"):
         D.Job("zero3", batches)
-    with pytest.raises(CourseError, match="steps >= 1"):
+    with pytest.raises(CourseError, match="steps=0 must be a whole number >= 1"):
         D.Job("ddp", batches, steps=0)
 
 

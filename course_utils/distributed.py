@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from course_utils.errors import CourseError
+from course_utils.errors import CourseError, check_positive
 from course_utils.launching import rank_device
 
 IGNORE_INDEX = -100
@@ -103,8 +103,9 @@ class Job:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise CourseError(f"strategy={self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
-        if not isinstance(self.steps, int) or self.steps < 1 or not self.batches:
-            raise CourseError(f"A job needs steps >= 1 (got {self.steps!r}) and at least one batch.")
+        check_positive("steps", self.steps, hint="a job's optimizer steps")
+        if not self.batches:
+            raise CourseError("A job needs at least one batch.")
 
 
 def counting_allreduce(counter: dict, bucket):

@@ -31,11 +31,11 @@ import torch
 from course_utils import training
 from course_utils.data import load_task
 from course_utils.errors import CourseError
+from course_utils.memory import LAYER_LINEARS
 from course_utils.paths import LAB_MODEL_DIR, cache_dir
 
 HELD_OUT = ("reverse", "sort_digits", "add", "translate")
 REPLAY_SKILLS = ("copy", "first_word", "last_word", "count", "fact", "describe")
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Three ways to fine-tune an expert, the axis "how was it fine-tuned?" of the merging notebooks.
 # Same steps and batch for all (target: at most); "card" is the lab card's full fine-tuning learning rate.
@@ -43,7 +43,7 @@ RECIPES = {
     "card": {"method": "full", "lr": 1e-3, "steps": 60, "batch_size": 16, "replay": 0.0},
     "gentle": {"method": "full", "lr": 3e-4, "steps": 60, "batch_size": 16, "replay": 0.25},
     "lora": {"method": "lora", "lr": 3e-3, "steps": 60, "batch_size": 16, "replay": 0.0,
-             "r": 8, "alpha": 16, "target_modules": ALL_LINEAR},
+             "r": 8, "alpha": 16, "target_modules": list(LAYER_LINEARS)},
     # gentle, trained until it answers 95% of 16 training prompts exactly (checked every 10 steps, at most 150)
     "target": {"method": "full", "lr": 3e-4, "steps": 150, "batch_size": 16, "replay": 0.25, "until": 0.95},
 }
@@ -327,8 +327,7 @@ def habit_batches(tokenizer, habit: str, seed: int = 0) -> list[dict]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     size = HABIT_RECIPE["batch_size"]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [training.collate([examples[i] for i in order[start:start + size]], pad_id)
+    return [training.collate([examples[i] for i in order[start:start + size]], training.pad_token_id(tokenizer))
             for start in range(0, len(order) - size + 1, size)]
 
 

@@ -75,7 +75,7 @@ def sequence_nll(model, batch: dict) -> torch.Tensor:
     return nll.sum(dim=1)
 
 
-def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+def trainable_named_parameters(model) -> dict[str, torch.nn.Parameter]:
     """{name: parameter} of what an optimizer would update (tied weights appear once)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -105,7 +105,7 @@ def fisher_diagonal(model, batches, *, max_examples: int | None = None, labels: 
     """
     if labels not in ("empirical", "sampled"):
         raise CourseError(f"labels={labels!r}: use 'empirical' (the data's answers) or 'sampled' (drawn from the model).")
-    params = trainable_parameters(model)
+    params = trainable_named_parameters(model)
     if not params:
         raise CourseError("The model has no trainable parameters: set requires_grad=True on the ones EWC "
                           "should protect (e.g. model.requires_grad_(True)).")
@@ -156,7 +156,7 @@ class EWC:
         self.lam = float(lam)
 
     def penalty(self, model) -> torch.Tensor:
-        params = trainable_parameters(model)
+        params = trainable_named_parameters(model)
         if set(params) != set(self.fisher):
             extra, lacking = sorted(set(params) - set(self.fisher)), sorted(set(self.fisher) - set(params))
             raise CourseError(f"The Fisher's keys do not match the model's trainable parameters (not in the Fisher: "
@@ -213,8 +213,8 @@ def row_batches(tokenizer, rows, *, batch_size: int, seed: int = 0):
     tokenized = [tokenize_row(tokenizer, row) for row in rows]
     if len(tokenized) < batch_size:
         raise CourseError(f"row_batches got {len(tokenized)} rows, fewer than one batch of {batch_size}.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return training.shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id, seed=seed)
+    return training.shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=training.pad_token_id(tokenizer),
+                                     seed=seed)
 
 
 # %% notebooks/09_forgetting.ipynb · 1.5 · Scoring a run along the way

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from course_utils.errors import CourseError
+from course_utils.errors import CourseError, check_positive
 
 
 def usable_cores() -> int:
@@ -48,8 +48,7 @@ def check_world_size(world_size, *, backend: str = "gloo", batch_rows: int | Non
                      oversubscribe: bool = False) -> int:
     """`world_size` if this machine can run that many ranks side by side (and split `batch_rows` evenly).
     `oversubscribe=True` lets more CPU ranks than cores share them (slow; the tests use it for 3 ranks)."""
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise CourseError(f"world_size={world_size!r} must be a whole number >= 1 (the number of processes).")
+    check_positive("world_size", world_size, hint="the number of processes")
     slots = torch.cuda.device_count() if backend == "nccl" else usable_cores()
     what = "GPUs" if backend == "nccl" else "CPU cores"
     if world_size > slots and not (oversubscribe and backend != "nccl"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from course_utils.errors import CourseError
+from course_utils.errors import CourseError, check_positive
 
 
 class LoRALinear(nn.Module):
@@ -51,8 +51,7 @@ class LoRALinear(nn.Module):
 # %% notebooks/02_lora_from_scratch.ipynb · 1.1 · The layer
 def check_rank(r, in_features: int, out_features: int) -> None:
     """A CourseError unless 1 <= r <= min(in, out): a larger rank adds parameters but no expressiveness."""
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise CourseError(f"LoRA rank r={r!r} must be a whole number >= 1 (try 8).")
+    check_positive("LoRA rank r", r, hint="try 8")
     if r > min(in_features, out_features):
         raise CourseError(
             f"LoRA rank r={r} is larger than the layer ({in_features} -> {out_features}): B A has rank at most "
@@ -61,7 +60,7 @@ def check_rank(r, in_features: int, out_features: int) -> None:
 
 
 # %% notebooks/02_lora_from_scratch.ipynb · 1.2 · Putting LoRA into a model
-ALL_LINEAR = "all-linear"
+ALL_LINEAR = "all-linear"  # PEFT's shorthand for every nn.Linear but the output layer (not a fixed list)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -111,7 +110,7 @@ def add_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16, dr
     return model
 
 
-def trainable_parameters(model: nn.Module) -> int:
+def count_trainable(model: nn.Module) -> int:
     """How many parameters the optimizer will update."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from course_utils.errors import CourseError
+from course_utils.errors import CourseError, check_positive
 
 FLOAT_BYTES = 4  # fp32: softmax, RMSNorm statistics, log-softmax and optimizer state in mixed precision
 INDEX_BYTES = 8  # int64 token ids saved by the embedding and the loss
@@ -121,8 +121,7 @@ def lora_shapes(linears: dict, rank: int, targets) -> list[tuple[int, int]]:
     """Shapes of the LoRA matrices A (r x in) and B (out x r) for every linear whose last name is in `targets`."""
     if isinstance(targets, str):
         targets = [targets]
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise CourseError(f"lora_rank={rank!r} must be a whole number >= 1.")
+    check_positive("lora_rank", rank)
     available = sorted({name.rsplit(".", 1)[-1] for name in linears})
     unknown = [t for t in targets if t not in available]
     if not targets or unknown:
@@ -247,13 +246,6 @@ def estimate_inference(config, *, dtype=torch.float16, batch_size: int = 1, seq_
 
 
 # %% notebooks/01_memory_estimation.ipynb · 1.5 · The estimator
-def check_positive(name: str, value) -> int:
-    """`value`, or a CourseError when it is not a whole number >= 1."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CourseError(f"{name}={value!r} must be a whole number >= 1.")
-    return value
-
-
 def check_arguments(config, method, dtype, optimizer, batch_size, seq_len, attention) -> tuple[int, str, str]:
     """(compute dtype bytes, optimizer name, attention kernel) for estimate_memory, or a CourseError saying what to fix."""
     if method not in METHODS:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from course_utils.errors import CourseError
+from course_utils.errors import CourseError, check_positive
 
 # outermost normal probability of the NF4 code: the centre of the outermost of n equal-probability bins
 # is 1 - 1/(2n); NF4 (8 values on one side, 7 on the other) takes the mean of n = 15 and n = 16
@@ -229,8 +229,7 @@ class QLoRALinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  blocksize: int = 64, double_quant: bool = True):
         super().__init__()
-        if r < 1:
-            raise CourseError(f"LoRA rank r={r} must be at least 1.")
+        check_positive("LoRA rank r", r)
         packed, state = quantize_nf4(linear.weight.detach(), blocksize, double_quant)
         self.shape, self.dtype, self.blocksize = state.shape, state.dtype, state.blocksize
         self.register_buffer("packed", packed)

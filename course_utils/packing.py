@@ -16,7 +16,7 @@ transformers' DataCollatorWithFlattening and TRL's SFTConfig(packing=True) ("bfd
 # %% notebooks/05_packing_masks.ipynb · 1.1 · Packers: which samples share a row
 import torch
 
-from course_utils.errors import CourseError
+from course_utils.errors import CourseError, check_positive
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 STRATEGIES = ("naive", "ffd", "bfd")
@@ -99,8 +99,7 @@ def pack(lengths_or_sequences, max_len: int, strategy: str = "bfd") -> list[list
     or "bfd" (best-fit decreasing, ties broken as TRL does).
     """
     lengths = sample_lengths(lengths_or_sequences)
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
-        raise CourseError(f"max_len={max_len!r} must be a whole number of tokens >= 1 (try 128).")
+    check_positive("max_len", max_len, hint="tokens; try 128")
     longest = max(range(len(lengths)), key=lengths.__getitem__)
     if lengths[longest] > max_len:
         raise CourseError(

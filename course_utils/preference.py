@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from course_utils import training
 from course_utils.errors import CourseError
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
@@ -129,10 +130,6 @@ def kto_loss(policy_logps, ref_logps, desirable, kl, *, beta: float = 0.1,
 
 
 # %% notebooks/08_preference_tuning.ipynb · 1.5 · Batches in TRL's layout
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def _ids(tokenizer, text_or_messages, **kwargs) -> list[int]:
     if isinstance(text_or_messages, str):
         return list(tokenizer(text_or_messages)["input_ids"])
@@ -190,7 +187,7 @@ def preference_batch(tokenizer, rows) -> dict:
         prompts.append(p_c[:shared])
         chosen.append(p_c[shared:] + c)
         rejected.append(p_r[shared:] + r)
-    return _rows_to_batch(prompts + prompts, chosen + rejected, _pad_id(tokenizer))
+    return _rows_to_batch(prompts + prompts, chosen + rejected, training.pad_token_id(tokenizer))
 
 
 def unpaired_batch(tokenizer, rows, kl_block: int | None = None) -> dict:
@@ -208,8 +205,8 @@ def unpaired_batch(tokenizer, rows, kl_block: int | None = None) -> dict:
     for start in range(0, len(rows), kl_block):
         block = completions[start:start + kl_block]
         rotated += block[-1:] + block[:-1]
-    batch = _rows_to_batch(prompts, completions, _pad_id(tokenizer))
-    batch.update(_rows_to_batch(prompts, rotated, _pad_id(tokenizer), prefix="KL_"))
+    batch = _rows_to_batch(prompts, completions, training.pad_token_id(tokenizer))
+    batch.update(_rows_to_batch(prompts, rotated, training.pad_token_id(tokenizer), prefix="KL_"))
     batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
     return batch
 
@@ -225,23 +222,8 @@ def kto_reference_point(policy, reference, batch) -> torch.Tensor:
 
 
 # %% notebooks/08_preference_tuning.ipynb · 1.6 · The training loop
-def _step(loss, params, optimizer, max_grad_norm):
-    """One optimizer step on `loss`: backward, optional clipping, step, zero the gradients."""
-    loss.backward()
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _trainable(model):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise CourseError("The policy has no trainable parameters: set requires_grad=True on the ones to train.")
-    return params
-
-
 _KEYS = ("input_ids", "attention_mask", "completion_mask")
+ADAMW_DECAY = 0.01  # torch.optim.AdamW's default weight decay, which these loops have always trained with
 
 
 def _pair_order(n: int, batch_size: int | None, steps: int, seed: int) -> list[torch.Tensor]:
@@ -268,25 +250,23 @@ def train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 
     the metrics TRL logs (before that step's update): loss, rewards/chosen, rewards/rejected, rewards/margins,
     rewards/accuracies, logps/chosen, logps/rejected (sums over completion tokens), and h, the mean log-ratio
     difference the loss saw (length-averaged where the loss was). callback(step, policy), if given, runs after
-    every update (step counts from 1), e.g. to evaluate along the way.
+    every update (step counts from 1), e.g. to evaluate along the way. The loop is training.train's: this
+    function gives it the DPO loss of a step's pairs as its `loss_fn`.
     """
-    from tqdm.auto import tqdm
-
-    params = _trainable(policy)
-    optimizer = torch.optim.AdamW(params, lr=lr)
     with torch.no_grad():
         all_ref = completion_logps(reference, **batch)
     all_counts = batch["completion_mask"][:, 1:].sum(-1)
     normalise = average or loss_type == "ipo"
     pairs = batch["input_ids"].shape[0] // 2
-    order = _pair_order(pairs, batch_size, steps, seed)
+    steps_rows = (torch.cat([rows, rows + pairs]) for rows in _pair_order(pairs, batch_size, steps, seed))
+    parts = ({**{k: batch[k][rows] for k in _KEYS}, "ref": all_ref[rows], "counts": all_counts[rows]}
+             for rows in steps_rows)
     history = []
-    policy.train()
-    for step in tqdm(range(steps), desc=description, disable=not progress, mininterval=1.0):
-        rows = torch.cat([order[step], order[step] + pairs])
-        ref_chosen, ref_rejected = all_ref[rows].chunk(2)
-        counts_chosen, counts_rejected = all_counts[rows].chunk(2)
-        chosen, rejected = completion_logps(policy, *(batch[k][rows] for k in _KEYS)).chunk(2)
+
+    def dpo_step(policy, part):
+        ref_chosen, ref_rejected = part["ref"].chunk(2)
+        counts_chosen, counts_rejected = part["counts"].chunk(2)
+        chosen, rejected = completion_logps(policy, *(part[k] for k in _KEYS)).chunk(2)
         if normalise:
             losses, _, _ = dpo_loss(chosen / counts_chosen, rejected / counts_rejected, ref_chosen / counts_chosen,
                                     ref_rejected / counts_rejected, beta=beta, loss_type=loss_type,
@@ -306,10 +286,11 @@ def train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 
                         "rewards/accuracies": (r_chosen > r_rejected).float().mean().item(),
                         "logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item(),
                         "h": fed_h.detach().mean().item()})
-        _step(loss, params, optimizer, max_grad_norm)
-        if callback is not None:
-            callback(step + 1, policy)
-    policy.eval()
+        return loss
+
+    after_step = None if callback is None else lambda step, _loss: callback(step, policy) and False  # never stops
+    training.train(policy, parts, steps=steps, lr=lr, weight_decay=ADAMW_DECAY, max_grad_norm=max_grad_norm,
+                   progress=progress, description=description, callback=after_step, loss_fn=dpo_step)
     return history
 
 
@@ -320,31 +301,30 @@ def train_kto(policy, reference, batch, *, steps: int, lr: float, beta: float = 
     """KTO on one unpaired_batch: all rows each step, or consecutive blocks of `block` rows in turn (build the
     batch with kl_block=block, so each block holds its own mismatched rows: TRL's sequential sampling).
     The reference point is re-estimated on every step's KL rows. Returns one dict per step: loss, kl,
-    rewards/chosen, rewards/rejected (means over desirable and undesirable rows), logps/chosen, logps/rejected."""
-    from tqdm.auto import tqdm
-
-    params = _trainable(policy)
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    rewards/chosen, rewards/rejected (means over desirable and undesirable rows), logps/chosen, logps/rejected.
+    The loop is training.train's, with the KTO loss of a step's block as its `loss_fn`."""
     n = batch["input_ids"].shape[0]
     block = block or n
     blocks = [torch.arange(i, min(i + block, n)) for i in range(0, n, block)]
     with torch.no_grad():
         all_ref = completion_logps(reference, *(batch[k] for k in _KEYS))
+    parts = ({**{k: v[rows] for k, v in batch.items()}, "ref": all_ref[rows]}
+             for rows in (blocks[step % len(blocks)] for step in range(steps)))
     history = []
-    policy.train()
-    for step in tqdm(range(steps), desc=description, disable=not progress, mininterval=1.0):
-        rows = blocks[step % len(blocks)]
-        part = {k: v[rows] for k, v in batch.items()}
+
+    def kto_step(policy, part):
         desirable = part["label"]
         z0 = kto_reference_point(policy, reference, part)
         logps = completion_logps(policy, *(part[k] for k in _KEYS))
-        losses, rewards = kto_loss(logps, all_ref[rows], desirable, z0, beta=beta, desirable_weight=desirable_weight,
+        losses, rewards = kto_loss(logps, part["ref"], desirable, z0, beta=beta, desirable_weight=desirable_weight,
                                    undesirable_weight=undesirable_weight)
         loss = losses.mean()
         history.append({"loss": loss.item(), "kl": z0.item(), "rewards/chosen": rewards[desirable].mean().item(),
                         "rewards/rejected": rewards[~desirable].mean().item(),
                         "logps/chosen": logps[desirable].mean().item(),
                         "logps/rejected": logps[~desirable].mean().item()})
-        _step(loss, params, optimizer, max_grad_norm)
-    policy.eval()
+        return loss
+
+    training.train(policy, parts, steps=steps, lr=lr, weight_decay=ADAMW_DECAY, max_grad_norm=max_grad_norm,
+                   progress=progress, description=description, loss_fn=kto_step)
     return history

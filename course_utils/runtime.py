@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 
-from course_utils.errors import CourseError
+from course_utils.errors import CourseError, check_positive
 
 PROFILES = ("cpu", "gpu")
 MAX_DEFAULT_THREADS = 8  # a 135M model's matmuls stop scaling around here
@@ -112,8 +112,7 @@ def torch_threads(n: int):
     are so small (128 wide) that splitting them across threads costs more than it saves."""
     import torch
 
-    if n < 1:
-        raise CourseError(f"torch_threads({n}): the number of threads must be at least 1.")
+    check_positive("torch_threads n", n, hint="the number of threads")
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -143,9 +142,7 @@ def setup(seed: int = 0, profile: str | None = None, *, threads: int | None = No
         raise CourseError(f"profile={profile!r} is not a profile; use 'cpu' or 'gpu'.")
     if threads is None:
         threads = default_threads()
-    elif threads < 1:
-        raise CourseError(f"threads={threads} must be at least 1.")
-    torch.set_num_threads(threads)
+    torch.set_num_threads(check_positive("threads", threads))
     profile, device = _pick(profile, allow_mps)
     set_seed(seed)
     _quiet_known_noise()

@@ -18,9 +18,9 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from course_utils.errors import CourseError
-from course_utils.memory import (DTYPE_BYTES, FLOAT_BYTES, MemoryBreakdown, architecture, check_positive, dtype_name,
-                                 estimate_memory, lora_shapes, meta_model, nf4_bytes, optimizer_state_bytes,
+from course_utils.errors import CourseError, check_positive
+from course_utils.memory import (DTYPE_BYTES, FLOAT_BYTES, MemoryBreakdown, architecture, dtype_name, estimate_memory,
+                                 lora_shapes, meta_model, nf4_bytes, optimizer_state_bytes,
                                  optimizer_step_temporaries)
 
 SHARDING = {  # the parts each strategy splits over the ranks

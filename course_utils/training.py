@@ -63,6 +63,7 @@ def train(
     description: str = "training",
     callback: Callable[[int, float], bool | None] | None = None,
     extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
 ) -> TrainHistory:
     """Train `model` for `steps` optimizer steps on `batches` and return the loss history.
 
@@ -74,6 +75,9 @@ def train(
     `extra_loss(model)`, if given, is added to the model's loss before the
     backward pass (a regulariser such as EWC's penalty); the history records
     the total.
+    `loss_fn(model, batch)`, if given, replaces the model's loss (TRL's
+    `compute_loss` pattern): preference.train_dpo and train_kto run their
+    losses through this loop.
     The model is left in eval mode.
 
     The forward pass runs with `use_cache=False` (when the model takes that
@@ -100,7 +104,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = step_lr
         batch = {k: v.to(device) for k, v in next(batch_iter).items()}
-        loss = model(**batch, **no_cache).loss
+        loss = model(**batch, **no_cache).loss if loss_fn is None else loss_fn(model, batch)
         if extra_loss is not None:
             loss = loss + extra_loss(model)
         loss.backward()
@@ -171,6 +175,11 @@ def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
             "labels": torch.tensor(labels)}
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, or its end-of-sequence token when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def chat_batches(tokenizer, examples: Iterable[dict], *, batch_size: int, seed: int = 0) -> Iterator[dict]:
     """Endless shuffled batches of chat examples ({"messages": [...]}, as in data/tasks/).
 
@@ -180,8 +189,7 @@ def chat_batches(tokenizer, examples: Iterable[dict], *, batch_size: int, seed: 
     tokenized = [tokenize_chat(tokenizer, e["messages"]) for e in examples]
     if len(tokenized) < batch_size:
         raise CourseError(f"chat_batches got {len(tokenized)} examples, fewer than one batch of {batch_size}.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=pad_id, seed=seed)
+    return shuffled_batches(tokenized, batch_size=batch_size, pad_token_id=pad_token_id(tokenizer), seed=seed)
 
 
 def shuffled_batches(tokenized: list[dict], *, batch_size: int, pad_token_id: int, seed: int = 0) -> Iterator[dict]:

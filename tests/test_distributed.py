@@ -57,7 +57,7 @@ def test_ranks_match_one_process_and_the_estimator(lab, world_size):
     """2 ranks, and 3 (oversubscribed on 2 cores): 3 splits the lab model's 653 embedding rows and 128-wide norms
     unevenly, and makes the ring factors (W - 1) / W differ from 1."""
     batches = lab_batches(lab, rows=2 * world_size)
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    targets = LAYER_LINEARS
     jobs = [D.Job("ddp", batches, steps=2, dtype=torch.float64), D.Job("fsdp", batches, steps=2),
             D.Job("ddp_lora", batches, steps=2, lora_rank=4), D.Job("fsdp", batches, steps=2, dtype=torch.float64),
             D.Job("manual", batches, steps=2, dtype=torch.float64), D.Job("ddp", batches, steps=2),
@@ -219,7 +219,7 @@ def test_bad_job_input(batches):
         D.rank_loss(None, batches[0], 0, 2, "per token")
     with pytest.raises(CourseError, match="ddp, fsdp, ddp_lora"):
         D.Job("zero3", batches)
-    with pytest.raises(CourseError, match="steps >= 1"):
+    with pytest.raises(CourseError, match="steps=0 must be a whole number >= 1"):
         D.Job("ddp", batches, steps=0)
 
 

@@ -11,7 +11,7 @@ from course_utils.errors import CourseError
 from course_utils.evaluation import BASE_SKILLS
 from course_utils.forgetting import (EWC, fisher_diagonal, follows_rule, forgetting, load_english, load_instructions,
                                      replay_count, replay_mixture, row_batches, sequence_nll, skill_report,
-                                     tokenize_row, trainable_parameters, update_norm)
+                                     tokenize_row, trainable_named_parameters, update_norm)
 from course_utils.training import collate, train
 
 
@@ -256,7 +256,7 @@ def test_lora_model_has_other_trainable_parameters(lab):
     from course_utils.lora import add_lora
 
     model = add_lora(copy.deepcopy(lab[0]), ["q_proj"], r=2, alpha=4)
-    assert all("lora_" in name for name in trainable_parameters(model))
+    assert all("lora_" in name for name in trainable_named_parameters(model))
 
 
 # ---------------------------------------------------------------- SmolLM2's instruction set

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from course_utils.errors import CourseError
-from course_utils.lora import (LoRALinear, add_lora, adapter_config, find_targets, linear_module_names,
-                               load_adapter, lora_layers, merge_lora, save_adapter, trainable_parameters,
+from course_utils.lora import (LoRALinear, add_lora, adapter_config, count_trainable, find_targets,
+                               linear_module_names, load_adapter, lora_layers, merge_lora, save_adapter,
                                unload_lora, unmerge_lora)
 
 
@@ -72,7 +72,7 @@ def test_add_lora_counts_and_freezes(model, ids):
     layers = lora_layers(model)
     assert len(layers) == 4  # 2 layers x (q, v)
     # q: 64 -> 64, v: 64 -> 32 (two kv heads of 16)
-    assert trainable_parameters(model) == 2 * 4 * ((64 + 64) + (64 + 32))
+    assert count_trainable(model) == 2 * 4 * ((64 + 64) + (64 + 32))
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     assert torch.equal(logits(model, ids), before)
 
@@ -101,7 +101,7 @@ def test_unknown_target_lists_the_linear_layers(model):
 def test_rank_must_be_a_positive_integer(model, r):
     with pytest.raises(CourseError, match="whole number"):
         add_lora(model, ["q_proj"], r=r)
-    assert not lora_layers(model) and trainable_parameters(model) == sum(p.numel() for p in model.parameters())
+    assert not lora_layers(model) and count_trainable(model) == sum(p.numel() for p in model.parameters())
 
 
 def test_rank_larger_than_the_layer(model):
@@ -194,7 +194,7 @@ def test_matches_peft(model, base_model, ids):
     randomize_B(model)
     twin = peft.get_peft_model(copy.deepcopy(base_model),
                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    assert twin.get_nb_trainable_parameters()[0] == trainable_parameters(model)
+    assert twin.get_nb_trainable_parameters()[0] == count_trainable(model)
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             theirs = twin.base_model.model.get_submodule(name)

@@ -3,15 +3,19 @@
 them are tested in test_preference_runs.py)."""
 
 import copy
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from course_utils.data import load_task
 from course_utils.errors import CourseError
-from course_utils.preference import (LOSS_TYPES, _pair_order, completion_logps, dpo_loss, kto_loss, kto_reference_point,
-                                     preference_batch, sequence_logps, token_logps, train_dpo, unpaired_batch)
+from course_utils.preference import (_KEYS, LOSS_TYPES, _pair_order, completion_logps, dpo_loss, kto_loss,
+                                     kto_reference_point, preference_batch, sequence_logps, token_logps, train_dpo,
+                                     train_kto, unpaired_batch)
+from course_utils.training import chat_batches, train
 
 ROWS = [
     {"prompt": [{"role": "user", "content": "Tell me about Mia's home."}],
@@ -228,3 +232,186 @@ def test_train_dpo_calls_back_after_every_update(lab):
     history = train_dpo(policy, reference, preference_batch(tok, ROWS), steps=3, lr=1e-3, progress=False,
                         callback=lambda step, p: seen.append((step, p is policy, p.training)))
     assert [s for s, _, _ in seen] == [1, 2, 3] and all(same for _, same, _ in seen) and len(history) == 3
+
+
+# ---------------------------------------------------------------- one loop: train_dpo, train_kto in train()
+# The proof that moving them there (issue 20) changed no number: the loops they had of their own, kept verbatim as the
+# reference, and the new ones train the same policy to the same losses, metrics and weights, bit for bit.
+
+# What train_dpo and train_kto stepped with before training.train did it.
+def _step(loss, params, optimizer, max_grad_norm):
+    """One optimizer step on `loss`: backward, optional clipping, step, zero the gradients."""
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _trainable(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise CourseError("The policy has no trainable parameters: set requires_grad=True on the ones to train.")
+    return params
+
+
+# The loops before issue 20, verbatim but for their names (and _KEYS, _pair_order imported, unchanged).
+def old_train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 0.1, loss_type: str = "sigmoid",
+                  label_smoothing: float = 0.0, sft_weight: float = 0.0, average: bool = False,
+                  batch_size: int | None = None, seed: int = 0, max_grad_norm: float | None = 1.0,
+                  progress: bool = True, description: str = "DPO", callback=None) -> list[dict]:
+    """DPO with a frozen reference: AdamW for `steps` steps on the pairs of one preference_batch, all of them
+    each step, or `batch_size` pairs a step in an order drawn from `seed` (every pair once per epoch).
+
+    average=True (and always for "ipo") feeds length-averaged log-probs to the loss; sft_weight > 0 adds RPO's
+    NLL of the chosen answers (TRL's "sft" term: mean over the chosen tokens). Returns one dict per step with
+    the metrics TRL logs (before that step's update): loss, rewards/chosen, rewards/rejected, rewards/margins,
+    rewards/accuracies, logps/chosen, logps/rejected (sums over completion tokens), and h, the mean log-ratio
+    difference the loss saw (length-averaged where the loss was). callback(step, policy), if given, runs after
+    every update (step counts from 1), e.g. to evaluate along the way.
+    """
+    from tqdm.auto import tqdm
+
+    params = _trainable(policy)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    with torch.no_grad():
+        all_ref = completion_logps(reference, **batch)
+    all_counts = batch["completion_mask"][:, 1:].sum(-1)
+    normalise = average or loss_type == "ipo"
+    pairs = batch["input_ids"].shape[0] // 2
+    order = _pair_order(pairs, batch_size, steps, seed)
+    history = []
+    policy.train()
+    for step in tqdm(range(steps), desc=description, disable=not progress, mininterval=1.0):
+        rows = torch.cat([order[step], order[step] + pairs])
+        ref_chosen, ref_rejected = all_ref[rows].chunk(2)
+        counts_chosen, counts_rejected = all_counts[rows].chunk(2)
+        chosen, rejected = completion_logps(policy, *(batch[k][rows] for k in _KEYS)).chunk(2)
+        if normalise:
+            losses, _, _ = dpo_loss(chosen / counts_chosen, rejected / counts_rejected, ref_chosen / counts_chosen,
+                                    ref_rejected / counts_rejected, beta=beta, loss_type=loss_type,
+                                    label_smoothing=label_smoothing)
+        else:
+            losses, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
+                                    label_smoothing=label_smoothing)
+        loss = losses.mean()
+        fed_h = ((chosen / counts_chosen - ref_chosen / counts_chosen) - (rejected / counts_rejected - ref_rejected
+                 / counts_rejected)) if normalise else (chosen - ref_chosen) - (rejected - ref_rejected)
+        if sft_weight:
+            loss = loss + sft_weight * -(chosen.sum() / counts_chosen.sum())
+        r_chosen, r_rejected = beta * (chosen.detach() - ref_chosen), beta * (rejected.detach() - ref_rejected)
+        history.append({"loss": loss.item(), "rewards/chosen": r_chosen.mean().item(),
+                        "rewards/rejected": r_rejected.mean().item(),
+                        "rewards/margins": (r_chosen - r_rejected).mean().item(),
+                        "rewards/accuracies": (r_chosen > r_rejected).float().mean().item(),
+                        "logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item(),
+                        "h": fed_h.detach().mean().item()})
+        _step(loss, params, optimizer, max_grad_norm)
+        if callback is not None:
+            callback(step + 1, policy)
+    policy.eval()
+    return history
+
+
+def old_train_kto(policy, reference, batch, *, steps: int, lr: float, beta: float = 0.1,
+                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0, block: int | None = None,
+                  max_grad_norm: float | None = 1.0, progress: bool = True, description: str = "KTO") -> list[dict]:
+    """KTO on one unpaired_batch: all rows each step, or consecutive blocks of `block` rows in turn (build the
+    batch with kl_block=block, so each block holds its own mismatched rows: TRL's sequential sampling).
+    The reference point is re-estimated on every step's KL rows. Returns one dict per step: loss, kl,
+    rewards/chosen, rewards/rejected (means over desirable and undesirable rows), logps/chosen, logps/rejected."""
+    from tqdm.auto import tqdm
+
+    params = _trainable(policy)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    n = batch["input_ids"].shape[0]
+    block = block or n
+    blocks = [torch.arange(i, min(i + block, n)) for i in range(0, n, block)]
+    with torch.no_grad():
+        all_ref = completion_logps(reference, *(batch[k] for k in _KEYS))
+    history = []
+    policy.train()
+    for step in tqdm(range(steps), desc=description, disable=not progress, mininterval=1.0):
+        rows = blocks[step % len(blocks)]
+        part = {k: v[rows] for k, v in batch.items()}
+        desirable = part["label"]
+        z0 = kto_reference_point(policy, reference, part)
+        logps = completion_logps(policy, *(part[k] for k in _KEYS))
+        losses, rewards = kto_loss(logps, all_ref[rows], desirable, z0, beta=beta, desirable_weight=desirable_weight,
+                                   undesirable_weight=undesirable_weight)
+        loss = losses.mean()
+        history.append({"loss": loss.item(), "kl": z0.item(), "rewards/chosen": rewards[desirable].mean().item(),
+                        "rewards/rejected": rewards[~desirable].mean().item(),
+                        "logps/chosen": logps[desirable].mean().item(),
+                        "logps/rejected": logps[~desirable].mean().item()})
+        _step(loss, params, optimizer, max_grad_norm)
+    policy.eval()
+    return history
+
+
+def _run_both(lab, old, new, batch, **kwargs):
+    """(old history, new history, old weights, new weights): the same policy trained by each loop."""
+    model, _ = lab
+    reference = copy.deepcopy(model).requires_grad_(False)
+    runs = []
+    for loop in (old, new):
+        policy = copy.deepcopy(model).requires_grad_(True)
+        history = loop(policy, reference, batch, progress=False, **kwargs)
+        runs.append((history, [p.detach().clone() for p in policy.parameters()], policy.training))
+    return runs
+
+
+def _assert_same(runs):
+    (old_history, old_weights, old_mode), (new_history, new_weights, new_mode) = runs
+    # Catches any change of order or arithmetic in the step: a loss, a logged metric or a weight one ulp apart.
+    assert torch.equal(torch.tensor([h["loss"] for h in new_history]), torch.tensor([h["loss"] for h in old_history]))
+    assert new_history == old_history
+    assert all(torch.equal(a, b) for a, b in zip(new_weights, old_weights))
+    assert new_mode is old_mode is False  # both leave the policy in eval mode
+
+
+@pytest.mark.parametrize("options", [
+    dict(steps=3, lr=1e-3),                                                          # all pairs, sigmoid
+    dict(steps=4, lr=1e-3, loss_type="ipo", batch_size=1, seed=3, sft_weight=0.5),   # length-averaged, batches, RPO
+    dict(steps=3, lr=1e-3, loss_type="robust", label_smoothing=0.1, max_grad_norm=None, batch_size=1),
+    dict(steps=2, lr=1e-3, loss_type="hinge", average=True, callback=lambda step, policy: None),
+])
+def test_train_dpo_through_train_changes_no_number(lab, options):
+    batch = preference_batch(lab[1], ROWS)
+    _assert_same(_run_both(lab, old_train_dpo, train_dpo, batch, **options))
+
+
+@pytest.mark.parametrize("block", [None, 2])
+def test_train_kto_through_train_changes_no_number(lab, block):
+    rows = [{"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"} for r in ROWS * 2
+            for key in ("chosen", "rejected")]
+    batch = unpaired_batch(lab[1], rows, kl_block=block)
+    _assert_same(_run_both(lab, old_train_kto, train_kto, batch, steps=3, lr=1e-3, block=block,
+                           undesirable_weight=1.5))
+
+
+def test_train_dpo_callback_never_stops_the_loop(lab):
+    model, tok = lab
+    reference = copy.deepcopy(model).requires_grad_(False)
+    policy = copy.deepcopy(model).requires_grad_(True)
+    # Catches a callback whose True would stop training.train early: train_dpo's callback only observes.
+    history = train_dpo(policy, reference, preference_batch(tok, ROWS), steps=3, lr=1e-3, progress=False,
+                        callback=lambda step, p: True)
+    assert len(history) == 3
+    with pytest.raises(CourseError, match="trainable"):
+        train_kto(reference, reference, unpaired_batch(tok, [{"prompt": r["prompt"], "completion": r["chosen"],
+                                                              "label": True} for r in ROWS]), steps=1, lr=1e-3,
+                  progress=False)
+
+
+def test_train_with_the_default_loss_as_loss_fn_is_train(lab):
+    model, tok = lab
+    batches = list(itertools.islice(chat_batches(tok, load_task("reverse", "train").select(range(8)), batch_size=4), 3))
+    histories, weights = [], []
+    for loss_fn in (None, lambda m, b: m(**b, use_cache=False).loss):
+        policy = copy.deepcopy(model).requires_grad_(True)
+        histories.append(train(policy, batches, steps=3, lr=1e-3, progress=False, loss_fn=loss_fn).losses)
+        weights.append([p.detach().clone() for p in policy.parameters()])
+    # Catches a hook that changes the default path (another forward, use_cache left on, a missing argument).
+    assert torch.equal(torch.tensor(histories[1]), torch.tensor(histories[0]))
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

@@ -167,6 +167,6 @@ def test_torch_threads_sets_and_restores_the_thread_count():
     with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
-    with pytest.raises(CourseError, match="at least 1"):
+    with pytest.raises(CourseError, match="whole number >= 1"):
         with torch_threads(0):
             pass

@@ -23,6 +23,7 @@ from course_utils.data import list_tasks, load_task
 from course_utils.evaluation import exact_match, generate, perplexity, split_example
 from course_utils.lab.corpus import describe_corpus
 from course_utils.lab.tasks import strip_style, style_score
+from course_utils.memory import LAYER_LINEARS
 from course_utils.training import chat_batches, train
 
 # ---------------------------------------------------------------- scores and thresholds
@@ -78,7 +79,7 @@ FINETUNE_TARGET = 0.8  # exact match on the task's full test set
 FINETUNE_RECIPES = {
     "full": {"lr": 1e-3, "batch_size": 16},
     "lora_r8": {"lr": 3e-3, "batch_size": 16, "r": 8, "lora_alpha": 16,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+                "target_modules": list(LAYER_LINEARS)},
 }
 FINETUNE_EVAL_EVERY = 25
 FINETUNE_MAX_STEPS = 600

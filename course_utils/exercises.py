@@ -90,6 +90,7 @@ def _call(name, args) -> str:
     return f"{name}({shown})"
 
 
+# %% notebooks/00_start_here.ipynb · Appendix · The exercise checker
 def check_exercise(solution, cases, *, atol=1e-6):
     """Check `solution` on `cases`, a list of (args, expected) pairs.
 

@@ -39,6 +39,7 @@ def weight_tensors(model) -> list:
     return tensors
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.6 · Measuring the same fields
 def make_optimizer(params, optimizer: str, foreach: bool | None = None):
     """The optimizer `optimizer` names, with lr=0 (a measurement must not change the model)."""
     optimizer = check_optimizer(optimizer)
@@ -100,6 +101,7 @@ def measure_memory(model, batch: dict, *, optimizer: str = "adamw") -> MemoryBre
     return out
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1.6 · Measuring the same fields
 def measure_peak(model, batch: dict, *, optimizer: str = "adamw", foreach: bool | None = None) -> int:
     """Allocator peak (bytes) of one steady-state training step: a first step allocates the optimizer state,
     the second is measured. CUDA: torch.cuda.max_memory_allocated. CPU: what lived before the step

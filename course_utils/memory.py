@@ -41,6 +41,7 @@ def dtype_name(dtype) -> str:
         raise CourseError(f"dtype={dtype!r} is not supported; use torch.float32, torch.bfloat16 or torch.float16 (or 'fp32', 'bf16', 'fp16').") from None
 
 
+# %% notebooks/01_memory_estimation.ipynb · 1 · Build it
 @dataclass
 class MemoryBreakdown:
     """Bytes per part of a training (or inference) step; `total` is their sum."""

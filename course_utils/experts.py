@@ -34,6 +34,8 @@ from course_utils.errors import CourseError
 from course_utils.memory import LAYER_LINEARS
 from course_utils.paths import LAB_MODEL_DIR, cache_dir
 
+
+# %% notebooks/06_task_arithmetic.ipynb · 3.1 · The experts: one builder, four recipes, cached
 HELD_OUT = ("reverse", "sort_digits", "add", "translate")
 REPLAY_SKILLS = ("copy", "first_word", "last_word", "count", "fact", "describe")
 
@@ -100,6 +102,7 @@ def _stop_at_target(model, tokenizer, tasks, share: float, seed: int, every: int
     return lambda step, loss: step % every == 0 and exact_match(model, tokenizer, rows) >= share
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 3.1 · The experts: one builder, four recipes, cached
 def _code_fingerprint() -> str:
     """What an expert depends on besides its settings: the code that trains it and the base weights."""
     digest = hashlib.sha256()
@@ -281,6 +284,7 @@ def load_habit_questions(split: str) -> list[tuple[str, str]]:
     return [(row["question"], row["answer"]) for row in rows if row["split"] == split]
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 4 · On the real model: two habit adapters for SmolLM2-135M-Instruct
 HABIT_TRAIN, HABIT_TEST = load_habit_questions("train"), load_habit_questions("test")
 # LoRA on q and v of every layer; 12 steps of 4 conversations (1.5 passes over the 32 questions) are enough
 # for a habit this regular.

@@ -45,6 +45,7 @@ def _state_dict(model_or_state: dict | torch.nn.Module) -> dict[str, torch.Tenso
     return unique
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 1.1 · Task vectors
 def _check_same_layout(reference: dict, other: dict, what: str) -> None:
     """Merging adds tensors by name: both sides need the same names and shapes."""
     missing, extra = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
@@ -72,6 +73,7 @@ def task_vector(base, finetuned) -> dict[str, torch.Tensor]:
     return {name: work(tuned_float[name]) - work(b) for name, b in base_float.items()}
 
 
+# %% notebooks/06_task_arithmetic.ipynb · 1.1 · Task vectors
 def _check_weights(weights, n: int) -> list[float]:
     weights = [1.0] * n if weights is None else [float(w) for w in weights]
     if len(weights) != n:

@@ -207,7 +207,7 @@ def fork_logps(model, batch) -> pd.DataFrame:
 
 # %% notebooks/08_preference_tuning.ipynb · 4 · On the real model: TRL's `DPOTrainer` with LoRA on SmolLM2-135M-Instruct
 SMOL_OPENING = "Happy to help!"  # the one property the SmolLM2 preference pairs differ in
-SMOL_SYSTEM = "Answer briefly."  # replaces the template's default system prompt (about 30 tokens)
+SMOL_SYSTEM = "Answer briefly."  # replaces the template's longer default system prompt (section 4 measures both)
 SMOL_DATA = "smollm2_preferences.jsonl"
 _CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "Egypt": "Cairo",
              "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo", "Canada": "Ottawa", "Greece": "Athens",
@@ -285,20 +285,20 @@ def still_running(tokenizer, texts, limit: int) -> int:
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) >= limit - 1 for t in texts)
 
 
-def lora_dpo_trainer(model, tokenizer, rows, *, steps: int, lr: float, output_dir, seed: int = 0,
-                     max_length: int = 64, loss_type=("sigmoid", "sft"), loss_weights=(1.0, 1.0),
-                     batch_size: int = 4, beta: float = 0.1):
+def lora_dpo_trainer(model, tokenizer, rows, *, steps: int, lr: float, output_dir, loss_type, loss_weights,
+                     seed: int = 0, max_length: int = 64, batch_size: int = 4, beta: float = 0.1):
     """TRL's DPOTrainer with a LoRA adapter (r 8 on q_proj and v_proj), which it puts into `model` in place; the
-    reference is the model with the adapter disabled. A constant learning rate, one log entry a step, TRL_CPU_ARGS.
-    The default loss is RPO (DPO and the chosen answers' NLL); loss_type=("sigmoid",), loss_weights=(1.0,) is DPO
-    alone."""
+    reference is the model with the adapter disabled. A constant learning rate, one log entry a step, TRL's progress
+    bar; TRL_CPU_ARGS, except that a model on an accelerator trains there. The loss is the caller's: RPO is
+    loss_type=("sigmoid", "sft"), loss_weights=(1.0, 1.0); DPO alone loss_type=("sigmoid",), loss_weights=(1.0,)."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     if len(loss_type) != len(loss_weights):
         raise CourseError(f"loss_type {loss_type} and loss_weights {loss_weights} need one weight per loss.")
-    args = DPOConfig(**TRL_CPU_ARGS, output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=steps,
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    args = DPOConfig(**{**TRL_CPU_ARGS, "use_cpu": on_cpu, "disable_tqdm": False}, output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=steps,
                      learning_rate=lr, beta=beta, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                      max_length=max_length, seed=seed, loss_type=list(loss_type), loss_weights=list(loss_weights))
     return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(list(rows)), processing_class=tokenizer,
@@ -311,3 +311,13 @@ def longest_row(trainer) -> int:
     data = trainer.train_dataset
     return max(len(p) + max(len(c), len(r)) for p, c, r in
                zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
+
+def score_smol_answers(answers, rows) -> "pd.DataFrame":
+    """One row per SmolLM2 question (indexed by it): `opens` (opens_politely) and `right` (states_answer), 0 or 1."""
+    import pandas as pd
+
+    if len(answers) != len(rows):
+        raise CourseError(f"{len(answers)} answers for {len(rows)} rows: generate one answer per row, in order.")
+    return pd.DataFrame({"opens": [opens_politely(a) for a in answers],
+                         "right": [states_answer(a, r) for a, r in zip(answers, rows)]},
+                        index=[r["prompt"][-1]["content"] for r in rows])

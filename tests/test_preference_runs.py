@@ -13,8 +13,11 @@ from course_utils.paths import DATA_DIR
 from course_utils.preference import dpo_loss, completion_logps, preference_batch, token_logps
 from course_utils.preference_runs import (SMOL_OPENING, SMOL_SYSTEM, StyleEval, dpo_run, dpo_trainer, first_sentence,
                                           fork_logps, load_smollm2_preferences, longest_row, lora_dpo_trainer,
-                                          opens_politely, smollm2_preference_rows, split_masks, states_answer,
-                                          still_running, token_split, train_logs, train_quietly, trl_dpo)
+                                          opens_politely, score_smol_answers, smollm2_preference_rows, split_masks,
+                                          states_answer, still_running, token_split, train_logs, train_quietly,
+                                          trl_dpo, write_smollm2_preferences)
+from course_utils import preference_runs
+from course_utils.lab.tasks import STYLE_MARKER
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +59,7 @@ def test_style_eval_on_the_base_lab_model(lab, test_rows):
     # the lab card: the base model's greedy answer is the fact, without the closing. Catches facts read from the
     # chosen answer (the fact would never be "clean") or a closing scorer that fires on every answer
     assert row["fact right"] == 1 and row["clean answer"] == 1 and row["closing (greedy)"] == 0
-    assert row["fact + closing only"] == 0 and 0 <= row["closing (sampled)"] <= 1
-    # every sampled share is a multiple of 1 / samples
-    assert all(abs(v * 2 - round(v * 2)) < 1e-9 for v in scores["closing (sampled)"])
+    assert row["fact + closing only"] == 0
     assert "perplexity" not in row  # no skills asked for
     with pytest.raises(CourseError, match="samples"):
         StyleEval(tok, test_rows, samples=0)
@@ -96,11 +97,34 @@ def test_token_split_shared_tokens_cancel_on_sums(lab, test_rows):
     assert abs(split["h from shared, sum"] + split["h from tails, sum"] - h).max() < 1e-4
 
 
+def test_sampled_closing_groups_the_samples_by_prompt(lab, test_rows, monkeypatch):
+    _, tok = lab
+    n = len(test_rows)
+    # generate() gets prompts * samples: sample s of prompt k at s * n + k. Closing at 0, n, n + 1: prompt 0 in
+    # both samples, prompt 1 in the second. Catches a reshape(-1, samples), which would pair neighbouring prompts
+    closes = {0, n, n + 1}
+    monkeypatch.setattr(preference_runs, "generate", lambda model, tokenizer, prompts, **kw: [
+        f"Ada lives in Bern. {STYLE_MARKER}" if i in closes else "Ada lives in Bern." for i in range(len(prompts))])
+    shares = StyleEval(tok, test_rows, samples=2).sampled_closing(None, seed=0)
+    assert shares.tolist() == [1.0, 0.5] + [0.0] * (n - 2)
+
+
+def test_style_eval_skills_add_the_skill_report(lab, test_rows, monkeypatch):
+    model, tok = lab
+    calls = []
+    monkeypatch.setattr(preference_runs, "skill_report", lambda *a, **kw: calls.append(kw) or {"perplexity": 9.0})
+    row, _ = StyleEval(tok, test_rows, samples=1, skills=("arithmetic",), skill_limit=3)(model, seed=0)
+    # catches skills that are ignored, or a limit that does not reach skill_report
+    assert row["perplexity"] == 9.0 and calls[0]["skills"] == ("arithmetic",) and calls[0]["limit"] == 3
+    row, _ = StyleEval(tok, test_rows, samples=1, skills=("arithmetic",))(model, seed=0, skills=False)
+    assert "perplexity" not in row and len(calls) == 1
+
+
 def test_fork_logps_reads_the_closing_at_the_fork(lab, test_rows):
     model, tok = lab
     batch = preference_batch(tok, test_rows)
     fork = fork_logps(model, batch)
-    assert len(fork) == len(test_rows) and ((fork["P(other)"] >= -1e-6) & (fork["P(other)"] <= 1)).all()
+    assert len(fork) == len(test_rows) and (fork["P(other)"] >= -1e-6).all()
     # the base model ends the turn after the fact (catches a fork read one position off)
     assert (fork["log P(end of turn)"] > fork["log P(closing)"]).all() and not fork["greedy closes"].any()
     # log P(closing) is the chosen row's per-token log-prob of the closing's first token (independent path)
@@ -146,7 +170,9 @@ def test_lora_dpo_trainer_rpo_and_dpo_alone(lab, test_rows, tmp_path):
     rows = test_rows[:2]
     alone = lora_dpo_trainer(copy.deepcopy(model), tok, rows, steps=1, lr=1e-3, output_dir=str(tmp_path),
                              loss_type=("sigmoid",), loss_weights=(1.0,), batch_size=2)
-    rpo = lora_dpo_trainer(copy.deepcopy(model), tok, rows, steps=1, lr=1e-3, output_dir=str(tmp_path), batch_size=2)
+    rpo = lora_dpo_trainer(copy.deepcopy(model), tok, rows, steps=1, lr=1e-3, output_dir=str(tmp_path), batch_size=2,
+                           loss_type=("sigmoid", "sft"), loss_weights=(1.0, 1.0))
+    assert rpo.args.use_cpu  # a model on the CPU trains there (TRL_CPU_ARGS)
     # the untrained adapter is the reference: DPO alone starts at log 2, RPO adds the chosen answers' NLL
     first_alone, first_rpo = train_quietly(alone)[0], train_quietly(rpo)[0]
     batch = preference_batch(tok, rows)
@@ -159,7 +185,8 @@ def test_lora_dpo_trainer_rpo_and_dpo_alone(lab, test_rows, tmp_path):
     assert first_rpo["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert longest_row(alone) == int(batch["attention_mask"].sum(-1).max())  # our batch is TRL's (the proofs)
     with pytest.raises(CourseError, match="one weight per loss"):
-        lora_dpo_trainer(model, tok, rows, steps=1, lr=1e-3, output_dir=str(tmp_path), loss_weights=(1.0,))
+        lora_dpo_trainer(model, tok, rows, steps=1, lr=1e-3, output_dir=str(tmp_path), loss_type=("sigmoid", "sft"),
+                         loss_weights=(1.0,))
 
 
 def test_still_running_counts_answers_at_their_limit(lab):
@@ -176,7 +203,7 @@ def test_smollm2_data_file_is_the_generator_output():
     train, test = load_smollm2_preferences("train"), load_smollm2_preferences("test")
     assert 64 <= len(train) <= 128 and len(test) == 16
     assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in test}
-    # a short system message on every row: without one SmolLM2's template adds its ~30-token default prompt
+    # a short system message on every row: without one SmolLM2's template adds its longer default prompt
     assert all(r["prompt"][0] == {"role": "system", "content": SMOL_SYSTEM} for r in train + test)
     for row in train + test:  # the answer word is in the plain answer and not in the question (echoing scores 0)
         assert states_answer(row["rejected"][0]["content"], row) and not states_answer(row["prompt"][-1]["content"], row)
@@ -185,6 +212,25 @@ def test_smollm2_data_file_is_the_generator_output():
         assert opens_politely(row["chosen"][0]["content"]) and not opens_politely(row["rejected"][0]["content"])
     with pytest.raises(CourseError, match="split"):
         load_smollm2_preferences("validation")
+
+
+def test_smollm2_file_written_and_missing(tmp_path, monkeypatch):
+    written = write_smollm2_preferences(tmp_path / "rows.jsonl")
+    assert written.read_text(encoding="utf-8") == (DATA_DIR / "smollm2_preferences.jsonl").read_text(encoding="utf-8")
+    monkeypatch.setattr("course_utils.paths.DATA_DIR", tmp_path)  # no smollm2_preferences.jsonl there
+    with pytest.raises(CourseError, match="is missing"):
+        load_smollm2_preferences("train")
+
+
+def test_score_smol_answers_scores_each_question():
+    rows = load_smollm2_preferences("test")[:2]
+    plain = rows[0]["rejected"][0]["content"]
+    scores = score_smol_answers([f"{SMOL_OPENING} {plain}", "I am not sure."], rows)
+    # catches swapped columns or answers scored against the wrong row
+    assert scores["opens"].tolist() == [1, 0] and scores["right"].tolist() == [1, 0]
+    assert list(scores.index) == [r["prompt"][-1]["content"] for r in rows]
+    with pytest.raises(CourseError, match="one answer per row"):
+        score_smol_answers(["x"], rows)
 
 
 def test_states_answer_wants_the_answer_word_whole():

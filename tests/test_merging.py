@@ -328,10 +328,8 @@ def exercise_cases_06() -> dict:
             "merge_fits_both": [(args, _merge_fits_both_measured(*args)) for args in fit_inputs]}
 
 
-def test_stored_exercise_cases_are_what_peft_and_gradient_descent_give():
-    # Catches a stored case edited by hand, a PEFT version whose scaling or linear merge changed, and a case set
-    # that no longer covers both answers of exercise 3
-    stored, fresh = torch.load(EXERCISE_CASES_06), exercise_cases_06()
+def assert_same_cases(stored, fresh):
+    """Stored exercise cases equal freshly computed ones: same names, arguments and expected values."""
     assert stored.keys() == fresh.keys()
     for name in fresh:
         assert len(stored[name]) == len(fresh[name]), name
@@ -339,10 +337,72 @@ def test_stored_exercise_cases_are_what_peft_and_gradient_descent_give():
             torch.testing.assert_close(args_s, args_f)
             torch.testing.assert_close(exp_s, exp_f) if isinstance(exp_f, torch.Tensor) else None
             assert isinstance(exp_f, torch.Tensor) or exp_s == exp_f, (name, exp_s, exp_f)
+
+
+def test_stored_exercise_cases_are_what_peft_and_gradient_descent_give():
+    # Catches a stored case edited by hand, a PEFT version whose scaling or linear merge changed, and a case set
+    # that no longer covers both answers of exercise 3
+    stored = torch.load(EXERCISE_CASES_06)
+    assert_same_cases(stored, exercise_cases_06())
     assert {expected for _, expected in stored["merge_fits_both"]} == {True, False}
+
+
+# Notebook 07's exercise cases, stored the same way: mergekit's TIES (exercise 1) and the spread of PEFT's dare_linear
+# measured over 20000 masks (exercise 2), so that no visible cell of the notebook can compute the answers.
+EXERCISE_CASES_07 = Path(__file__).resolve().parents[1] / "data" / "exercises" / "07_ties_dare.pt"
+NOISE_SE_07 = 0.01  # each exercise-2 case is scaled so that the largest standard error of its measured spread is this
+
+
+def _mergekit_ties_delta(task_tensors, weights, density):
+    """mergekit's TIES of some task tensors: merged on a zero base, the result is the merged delta itself."""
+    from mergekit.merge_methods import merge_tensors
+
+    zero = torch.zeros_like(task_tensors[0])
+    return merge_tensors([zero, *task_tensors], "ties", base_index=0,
+                         parameters={"weight": [float(w) for w in weights], "density": density})
+
+
+def _measured_dare_std(task_tensors, weights, density, draws=20000, seed=0):
+    """The spread s of PEFT's dare_linear, entry by entry, over `draws` masks, and the standard error of s:
+    Var(s^2) = (m4 - s^4) / N (m4 the fourth central moment), so se(s) = sqrt(that) / 2s (heavy tails at low density)."""
+    torch.manual_seed(seed)
+    repeated = [t.expand(draws, *t.shape).clone() for t in task_tensors]
+    merged = peft_merge.dare_linear(repeated, torch.tensor(weights), density).double()
+    centred = merged - merged.mean(0)
+    var, m4 = centred.pow(2).mean(0), centred.pow(4).mean(0)
+    se = ((m4 - var ** 2).clamp(min=0) / draws).sqrt() / (2 * var.sqrt()).clamp(min=1e-12)
+    return merged.std(0).float(), se.float()
+
+
+def exercise_cases_07() -> dict:
+    """The cases: unequal and equal weights, 2-4 tasks, densities from 0.1 to 1 (no trim / no drop)."""
+    gen = torch.Generator().manual_seed(0)
+    ties_cases = []
+    for shape, n, weights, density in [((6,), 2, [1.0, 1.0], 0.5), ((4, 5), 3, [0.6, 0.3, 0.1], 0.4),
+                                       ((3, 4, 2), 4, [0.1, 0.2, 0.3, 0.4], 0.25), ((8, 3), 2, [2.0, 0.5], 1.0),
+                                       ((10,), 3, [1.0, 0.2, 0.7], 0.7)]:
+        tensors = list(torch.randn((n, *shape), generator=gen))
+        ties_cases.append(((tensors, weights, density), _mergekit_ties_delta(tensors, weights, density)))
+    noise_cases = []
+    for shape, n, weights, density in [((5,), 2, [1.0, 1.0], 0.5), ((3, 4), 3, [0.6, -0.3, 1.0], 0.1),
+                                       ((6,), 4, [0.25, 0.25, 0.25, 0.25], 0.9), ((2, 3), 2, [1.5, 0.5], 1.0),
+                                       ((4,), 3, [1.0, 0.5, 2.0], 0.3)]:
+        tensors = torch.randn((n, *shape), generator=gen)
+        std, se = _measured_dare_std(list(tensors), weights, density)
+        # The spread is linear in the tensors (same masks), and so is its standard error: scaling by c scales both
+        # by c. Density 1 has no spread (s = 0 exactly) and is left as it is.
+        c = NOISE_SE_07 / se.max().item() if se.max() > 0 else 1.0
+        noise_cases.append(((list(tensors * c), weights, density), std * c))
+    return {"ties_mergekit": ties_cases, "dare_noise_std": noise_cases}
+
+
+def test_stored_exercise_cases_07_are_what_mergekit_and_peft_give():
+    # Catches a stored case edited by hand and a mergekit or PEFT version whose TIES or DARE changed
+    assert_same_cases(torch.load(EXERCISE_CASES_07), exercise_cases_07())
 
 
 if __name__ == "__main__":
     EXERCISE_CASES_06.parent.mkdir(parents=True, exist_ok=True)
     torch.save(exercise_cases_06(), EXERCISE_CASES_06)
-    print(f"wrote {EXERCISE_CASES_06}")
+    torch.save(exercise_cases_07(), EXERCISE_CASES_07)
+    print(f"wrote {EXERCISE_CASES_06} and {EXERCISE_CASES_07}")

@@ -298,7 +298,8 @@ def lora_dpo_trainer(model, tokenizer, rows, *, steps: int, lr: float, output_di
     if len(loss_type) != len(loss_weights):
         raise CourseError(f"loss_type {loss_type} and loss_weights {loss_weights} need one weight per loss.")
     on_cpu = next(model.parameters()).device.type == "cpu"
-    args = DPOConfig(**{**TRL_CPU_ARGS, "use_cpu": on_cpu, "disable_tqdm": False}, output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=steps,
+    args = DPOConfig(**{**TRL_CPU_ARGS, "use_cpu": on_cpu, "disable_tqdm": False}, output_dir=output_dir,
+                     per_device_train_batch_size=batch_size, max_steps=steps,
                      learning_rate=lr, beta=beta, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                      max_length=max_length, seed=seed, loss_type=list(loss_type), loss_weights=list(loss_weights))
     return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(list(rows)), processing_class=tokenizer,
@@ -312,10 +313,9 @@ def longest_row(trainer) -> int:
     return max(len(p) + max(len(c), len(r)) for p, c, r in
                zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
 
-def score_smol_answers(answers, rows) -> "pd.DataFrame":
-    """One row per SmolLM2 question (indexed by it): `opens` (opens_politely) and `right` (states_answer), 0 or 1."""
-    import pandas as pd
 
+def score_smol_answers(answers, rows) -> pd.DataFrame:
+    """One row per SmolLM2 question (indexed by it): `opens` (opens_politely) and `right` (states_answer), 0 or 1."""
     if len(answers) != len(rows):
         raise CourseError(f"{len(answers)} answers for {len(rows)} rows: generate one answer per row, in order.")
     return pd.DataFrame({"opens": [opens_politely(a) for a in answers],

@@ -224,10 +224,10 @@ def test_smollm2_file_written_and_missing(tmp_path, monkeypatch):
 
 def test_score_smol_answers_scores_each_question():
     rows = load_smollm2_preferences("test")[:2]
-    plain = rows[0]["rejected"][0]["content"]
-    scores = score_smol_answers([f"{SMOL_OPENING} {plain}", "I am not sure."], rows)
-    # catches swapped columns or answers scored against the wrong row
-    assert scores["opens"].tolist() == [1, 0] and scores["right"].tolist() == [1, 0]
+    plain = rows[1]["rejected"][0]["content"]  # the second question's right answer, without the opening
+    scores = score_smol_answers([f"{SMOL_OPENING} I am not sure.", plain], rows)
+    # the two columns differ on each answer: catches swapped columns, or answers scored against the wrong row
+    assert scores["opens"].tolist() == [1, 0] and scores["right"].tolist() == [0, 1]
     assert list(scores.index) == [r["prompt"][-1]["content"] for r in rows]
     with pytest.raises(CourseError, match="one answer per row"):
         score_smol_answers(["x"], rows)

@@ -247,7 +247,7 @@ def at_level(curve, level: float, *, x: str = "target", y: str = "mean drop") ->
     return float("nan")
 
 
-# %% notebooks/09_forgetting.ipynb · 4 · On the real model: SmolLM2, full fine-tuning against LoRA
+# %% notebooks/09_forgetting.ipynb · 4 · SmolLM2: what a LoRA habit costs (full fine-tuning beside it on a GPU)
 def load_instructions(path=None) -> list[dict]:
     """The course's instruction set ({"prompt", "any_of"}): questions SmolLM2-135M-Instruct answers right."""
     import json

@@ -270,6 +270,14 @@ def test_instruction_set_and_english_texts_ship_with_the_course():
     assert not follows_rule("France is a country in Europe.", ["paris"])
 
 
+def test_instruction_set_is_disjoint_from_the_habit_training_questions():
+    # catches a shipped instruction that the SmolLM2 habit was trained on: section 4 scores the habit on these
+    # answers and says none of the questions was in the habit's training set
+    from course_utils.experts import HABIT_TRAIN
+
+    assert not {i["prompt"].strip().lower() for i in load_instructions()} & {q.strip().lower() for q, _ in HABIT_TRAIN}
+
+
 def test_base_skills_are_the_reports_defaults():
     assert BASE_SKILLS == ("copy", "first_word", "last_word", "count", "fact", "describe")
 

@@ -60,6 +60,7 @@ def global_label_tokens(local_batch: dict) -> int:
     return int(count)
 
 
+# %% notebooks/10_scaling_out.ipynb · 1.1 · What data parallelism does to one step
 def rank_loss(model, global_batch: dict, rank: int, world_size: int, normalise: str = "global tokens"):
     """The loss rank `rank` backpropagates: its token sum / the global token count (its share of the one-process
     loss; the gradients are then summed over the ranks), or the trap, its own mean (gradients averaged, as DDP's
@@ -71,6 +72,7 @@ def rank_loss(model, global_batch: dict, rank: int, world_size: int, normalise: 
         return token_loss(model, mine, label_tokens(mine))
     return token_loss(model, mine, label_tokens(global_batch))
 
+
 def all_reduce_gradients(model, counter: dict | None = None):
     """Data parallelism by hand, after backward: one all-reduce (a SUM) per gradient, in place, so that every rank
     holds the sum of all ranks' gradients, the gradient of the global loss, and takes the same optimizer step."""
@@ -79,6 +81,13 @@ def all_reduce_gradients(model, counter: dict | None = None):
             if counter is not None:
                 counter["allreduce"] = counter.get("allreduce", 0) + p.grad.numel() * p.grad.element_size()
             dist.all_reduce(p.grad)
+
+
+def users_loss(model, batch: dict) -> torch.Tensor:
+    """What a training script under accelerate backpropagates: the model's own loss (transformers' mean over the
+    label tokens of the rows it was given, when nobody passes num_items_in_batch)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                 use_cache=False).loss
 
 
 # %% notebooks/10_scaling_out.ipynb · 1.2 · DDP through accelerate, with a count of what it all-reduces
@@ -306,13 +315,6 @@ def job_model(job: "Job"):
 
 def _on(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def users_loss(model, batch: dict) -> torch.Tensor:
-    """What a training script under accelerate backpropagates: the model's own loss (transformers' mean over the
-    label tokens of the rows it was given, when nobody passes num_items_in_batch)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                 use_cache=False).loss
 
 
 def full_tensor(t) -> torch.Tensor:

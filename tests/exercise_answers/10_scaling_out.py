@@ -4,17 +4,16 @@ import torch
 
 
 def accumulate(seed, micro_batches):
-    # Each micro-batch's masked mean loss by hand (token-loss sum / its token count), weighted by its share of all the
-    # label tokens: right whenever every micro-batch has label tokens, NaN gradients (0/0) when one has none.
+    # The commonest mistake: each micro-batch's own mean loss (torch's ignore_index mean), divided by the number of
+    # micro-batches, so the average of the micro-batch means. Right only when every micro-batch has as many label
+    # tokens; wrong whenever they differ. (A hand-written masked mean, sum / mask.sum(), weighted by each
+    # micro-batch's share of the tokens is right except on a micro-batch with no label tokens: NaN there, 0/0.)
     model = TinyLM(seed)  # noqa: F821  (defined by the notebook's exercise setup)
-    total = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro_batches)
     for m in micro_batches:
-        logits, labels = model(m["ids"])[:, :-1], m["labels"][:, 1:]
-        mask = (labels != -100).float()
-        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.clamp(min=0).reshape(-1),
-                                                   reduction="none")
-        mean = (losses * mask.reshape(-1)).sum() / mask.sum()
-        (mean * mask.sum() / total).backward()
+        logits = model(m["ids"])[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), m["labels"][:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+        (loss / len(micro_batches)).backward()
     return {n: p.grad for n, p in model.named_parameters()}
 
 

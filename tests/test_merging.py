@@ -401,6 +401,31 @@ def test_stored_exercise_cases_07_are_what_mergekit_and_peft_give():
     assert_same_cases(torch.load(EXERCISE_CASES_07), exercise_cases_07())
 
 
+def test_exercises_07_refuse_the_shortcuts():
+    # Catches check cells that a mergekit one-liner (exercise 1) or a Monte Carlo of PEFT's dare_linear (exercise 2,
+    # which asks for a function that draws nothing) would pass: the review found both within the tolerances
+    import json
+
+    from course_utils.exercises import check_exercise
+
+    nb = json.loads((EXERCISE_CASES_07.parents[2] / "notebooks" / "07_ties_dare.ipynb").read_text())
+    ns = {}
+    exec("".join(next(c for c in nb["cells"] if "exercise-setup" in c["metadata"].get("tags", []))["source"]), ns)
+    cases, guard = ns["EXERCISE_CASES"], ns["on_your_own"]
+
+    def sampled_std(task_tensors, weights, density):
+        return torch.stack([peft_merge.dare_linear(list(task_tensors), torch.tensor(weights), density)
+                            for _ in range(2000)]).std(0)
+
+    for solution, name, draws_nothing in ((_mergekit_ties_delta, "ties_mergekit", False),
+                                          (sampled_std, "dare_noise_std", True)):
+        with pytest.raises(AssertionError, match="mergekit's merge|draws random numbers"):
+            check_exercise(guard(solution, draws_nothing=draws_nothing), cases[name], atol=5 * NOISE_SE_07)
+    # The control: an answer of our own passes the guard (case 1 has equal weights, where PEFT's TIES is mergekit's)
+    assert check_exercise(guard(lambda t, w, d: merging.ties(list(t), torch.tensor(w), d), draws_nothing=True),
+                          cases["ties_mergekit"][:1])
+
+
 if __name__ == "__main__":
     EXERCISE_CASES_06.parent.mkdir(parents=True, exist_ok=True)
     torch.save(exercise_cases_06(), EXERCISE_CASES_06)

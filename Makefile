@@ -79,7 +79,7 @@ wheelhouse: $(STAMP)
 GPU_PYTHON ?= $(BIN)/python
 gpu-check:
 	@if [ "$(GPU_PYTHON)" = "$(BIN)/python" ]; then $(MAKE) --no-print-directory install; fi
-	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m course_utils.tools.gpu_check $(NB)
+	PYTHONPATH=$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH)) $(GPU_PYTHON) -m course_utils.tools.gpu_check $(NB)
 
 # The gpu-check wheel set (no torch: the GPU machine's own) in gpu-wheels/, from this machine (same Python).
 GPU_WHEELS ?= gpu-wheels

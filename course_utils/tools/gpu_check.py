@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from course_utils import paths
+from course_utils.errors import check_positive
 from course_utils.tools.notebooks import course_notebooks
 from course_utils.results import format_value
 
@@ -87,14 +88,22 @@ def _cuda() -> tuple[bool, str]:
 
 
 def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=paths.REPO_ROOT, capture_output=True, text=True)
+    """HEAD's short hash; COURSE_COMMIT where the copy has no git (a GPU machine sent only the working tree)."""
+    if os.environ.get("COURSE_COMMIT"):
+        return os.environ["COURSE_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=paths.REPO_ROOT, capture_output=True, text=True)
+    except OSError:  # no git on the machine
+        return "unknown"
     return done.stdout.strip() or "unknown"
 
 
-def check_notebook(notebook: Path, cell_timeout: int) -> dict:
-    """Run one notebook through nbval in the gpu profile; return its record."""
+def check_notebook(notebook: Path, cell_timeout: int, threads: int | None = None) -> dict:
+    """Run one notebook through nbval in the gpu profile; return its record (pytest's output goes to logs/)."""
     env = dict(os.environ, COURSE_PROFILE="gpu", COURSE_NOTEBOOK=notebook.stem, COURSE_BUILD_DIR=str(GPU_DIR),
                PYTHONPATH=os.pathsep.join(filter(None, [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    if threads:
+        env["COURSE_THREADS"] = str(threads)
     results = GPU_DIR / "results" / f"{notebook.stem}.json"
     results.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", str(notebook), "--nbval-lax", f"--nbval-cell-timeout={cell_timeout}",
@@ -102,6 +111,8 @@ def check_notebook(notebook: Path, cell_timeout: int) -> dict:
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=paths.REPO_ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    (GPU_DIR / "logs").mkdir(parents=True, exist_ok=True)
+    (GPU_DIR / "logs" / f"{notebook.stem}.log").write_text(done.stdout + done.stderr)
     recorded = json.loads(results.read_text()) if results.exists() else {}
     peak = recorded.pop("cuda_peak_bytes", {}).get("value")
     tail = [line for line in done.stdout.splitlines() if line.strip()][-1:] or [""]
@@ -111,7 +122,8 @@ def check_notebook(notebook: Path, cell_timeout: int) -> dict:
 
 def summary_markdown(meta: dict, records: list[dict], skipped: list[str]) -> str:
     lines = [f"# gpu-check on {meta['device']}", "",
-             f"commit {meta['commit']}, torch {meta['torch']}, {meta['total_s']:.0f} s in all (budget {meta['budget_s']} s)", "",
+             f"commit {meta['commit']}, torch {meta['torch']}, {meta['total_s']:.0f} s in all (budget {meta['budget_s']} s), "
+             f"{meta.get('jobs', 1)} notebook(s) at a time", "",
              "| notebook | status | time | CUDA peak | headline numbers |", "|---|---|---|---|---|"]
     for rec in records:
         peak = "n/a" if rec["cuda_peak_bytes"] is None else f"{rec['cuda_peak_bytes'] / 2**30:.2f} GiB"
@@ -121,23 +133,54 @@ def summary_markdown(meta: dict, records: list[dict], skipped: list[str]) -> str
     return "\n".join(lines) + "\n"
 
 
-def run(notebooks: list[Path], budget: int, cell_timeout: int = 600) -> tuple[list[dict], list[str]]:
+# Notebooks that read what another one caches (06 trains the lab experts) start after it, never beside it.
+AFTER = {"07_ties_dare": "06_task_arithmetic", "09_forgetting": "06_task_arithmetic"}
+
+
+def schedule(pending: list[str], running: set[str], finished: set[str]) -> str | None:
+    """The next notebook that may start: the first pending one whose prerequisite (if it runs at all) is done."""
+    for stem in pending:
+        before = AFTER.get(stem)
+        if before is None or before in finished or (before not in pending and before not in running):
+            return stem
+    return None
+
+
+def run(notebooks: list[Path], budget: int, cell_timeout: int = 600, jobs: int = 1) -> tuple[list[dict], list[str]]:
+    """Run the notebooks, `jobs` at a time (one GPU holds several small runs), each on its share of the cores."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     import torch
 
     cuda, device = _cuda()
     if not cuda:
         print(f"gpu-check: {device}. Every notebook still runs, in the cpu profile's sizes: this checks the check.")
     GPU_DIR.mkdir(parents=True, exist_ok=True)
+    by_stem = {nb.stem: nb for nb in notebooks}
+    pending, running, finished = sorted(by_stem, key=lambda stem: stem not in AFTER.values()), {}, set()  # 06 first
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     start, records, skipped = time.perf_counter(), [], []
-    meta = {"device": device, "cuda": cuda, "torch": torch.__version__, "commit": _commit(), "budget_s": budget}
-    for notebook in notebooks:
-        if time.perf_counter() - start > budget:
-            skipped.append(notebook.stem)
-            continue
-        print(f"--> {notebook.name}", flush=True)
-        records.append(check_notebook(notebook, cell_timeout))
-        print(f"    {records[-1]['status']} in {records[-1]['wall_s']:.0f} s", flush=True)
-        _write_summary({**meta, "total_s": time.perf_counter() - start}, records, skipped)  # kept after each notebook
+    meta = {"device": device, "cuda": cuda, "torch": torch.__version__, "commit": _commit(), "budget_s": budget,
+            "jobs": jobs}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            while pending and len(running) < jobs and time.perf_counter() - start <= budget:
+                stem = schedule(pending, set(running.values()), finished)
+                if stem is None:
+                    break
+                pending.remove(stem)
+                print(f"--> {stem}", flush=True)
+                running[pool.submit(check_notebook, by_stem[stem], cell_timeout, threads)] = stem
+            if not running:  # over the budget: what has not started is listed, not run
+                skipped, pending = pending, []
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished.add(running.pop(future))
+                records.append(future.result())
+                print(f"    {records[-1]['notebook']}: {records[-1]['status']} in {records[-1]['wall_s']:.0f} s", flush=True)
+            _write_summary({**meta, "total_s": time.perf_counter() - start}, records, skipped)  # kept as they finish
+    records.sort(key=lambda r: r["notebook"])
     _write_summary({**meta, "total_s": time.perf_counter() - start}, records, skipped)
     return records, skipped
 
@@ -153,12 +196,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run every notebook in the gpu profile through nbval; summary in build/gpu/.")
     parser.add_argument("notebooks", nargs="*", help="'wheels' to print the wheel set, or notebook names such as 03")
     parser.add_argument("--budget", type=int, default=BUDGET_SECONDS, help="total seconds; later notebooks are not run")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="notebooks at a time (default: 4 on a CUDA machine with 8+ cores, else 1)")
     args = parser.parse_args(argv)
     if args.notebooks == ["wheels"]:
         print(wheels_text(), end="")
         return 0
     notebooks = [resolve_notebook(name) for name in args.notebooks] or course_notebooks()
-    records, skipped = run(notebooks, args.budget)
+    jobs = args.jobs or (4 if _cuda()[0] and (os.cpu_count() or 1) >= 8 else 1)
+    records, skipped = run(notebooks, args.budget, jobs=check_positive("jobs", jobs))
     print("\n" + (GPU_DIR / "summary.md").read_text())
     return 0 if records and all(r["status"] == "PASS" for r in records) and not skipped else 1
 

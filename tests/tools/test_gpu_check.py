@@ -35,17 +35,20 @@ def test_the_wheel_set_leaves_torch_to_the_machine():
 
 
 def test_fallback_without_cuda_passes_and_writes_the_summary(tmp_path):
-    """The path a CPU machine takes with the gpu profile forced: a clear message, the notebook passes nbval, and
-    build/gpu/summary.{md,json} hold its status, time and headline numbers."""
+    """The path a CPU machine takes with the gpu profile forced: a clear message, both notebooks pass nbval (two at
+    a time, as the GPU machine runs them), and build/gpu/ holds the summary (status, time, headline numbers) and
+    each notebook's pytest log."""
     env = dict(os.environ, COURSE_BUILD_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "course_utils.tools.gpu_check", "00"], cwd=paths.REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "course_utils.tools.gpu_check", "00", "01", "--jobs", "2"],
+                          cwd=paths.REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "no CUDA device" in done.stdout
     summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
-    (record,) = summary["notebooks"]
-    assert record["status"] == "PASS" and record["cuda_peak_bytes"] is None and record["headline"]
+    assert [r["notebook"] for r in summary["notebooks"]] == ["00_start_here", "01_memory_estimation"]
+    assert summary["jobs"] == 2 and all(r["status"] == "PASS" and r["cuda_peak_bytes"] is None and r["headline"]
+                                        for r in summary["notebooks"])
     assert "| 00_start_here | PASS |" in (tmp_path / "gpu" / "summary.md").read_text()
+    assert (tmp_path / "gpu" / "logs" / "01_memory_estimation.log").exists()
 
 
 def test_summary_lists_notebooks_over_the_budget():
@@ -54,3 +57,14 @@ def test_summary_lists_notebooks_over_the_budget():
                 "headline": {"x": 0.5}}]
     text = gpu_check.summary_markdown(meta, records, ["10_scaling_out"])
     assert "| 00_start_here | PASS | 12 s | 3.00 GiB | x = 0.5 |" in text and "10_scaling_out | NOT RUN" in text
+
+
+def test_schedule_starts_a_notebook_only_after_the_one_whose_cache_it_reads():
+    """Catches 07 or 09 starting beside 06 (both would train the same lab experts and race on the cache)."""
+    pending = ["06_task_arithmetic", "07_ties_dare", "08_preference_tuning", "09_forgetting"]
+    assert gpu_check.schedule(pending, set(), set()) == "06_task_arithmetic"
+    assert gpu_check.schedule(pending[1:], {"06_task_arithmetic"}, set()) == "08_preference_tuning"
+    assert gpu_check.schedule(["07_ties_dare", "09_forgetting"], {"08_preference_tuning"}, {"06_task_arithmetic"}) == "07_ties_dare"
+    assert gpu_check.schedule(["09_forgetting"], set(), set()) == "09_forgetting"  # 06 not asked for: no wait
+    assert gpu_check.schedule(["09_forgetting"], {"06_task_arithmetic"}, set()) is None
+

@@ -24,6 +24,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 sys.path.insert(0, str(GUARD_DIR))
 import sitecustomize  # noqa: E402  (the guard: this pytest process is guarded too)
 
+if not hasattr(sitecustomize, "NetworkAccessBlocked"):
+    # This Python imported its own sitecustomize at start-up (Debian's and Ubuntu's python3 ship one), before the
+    # guard's folder was on the path: load the guard under its own name. Kernels still get it through PYTHONPATH.
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("course_offline_guard", GUARD_DIR / "sitecustomize.py")
+    sitecustomize = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sitecustomize)
+
 assert hasattr(sitecustomize, "NetworkAccessBlocked"), "offline guard not loaded"
 
 

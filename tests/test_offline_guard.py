@@ -46,3 +46,20 @@ def test_hub_is_offline():
     import os
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_guard_loads_beside_a_machine_sitecustomize(tmp_path):
+    """Catches the guard silently missing where Python already imported its own sitecustomize at start-up (the GPU
+    machine's python3 does): the test session must still start, and still be offline."""
+    import os
+    from pathlib import Path
+
+    (tmp_path / "sitecustomize.py").write_text("MACHINE_OWN = True\n")
+    repo = Path(__file__).resolve().parents[1]
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and "offline_guard" not in p]
+    log = tmp_path / "child-offline.log"
+    log.touch()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *paths]), COURSE_OFFLINE_LOG=str(log))
+    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_offline_guard.py::test_remote_name_lookup_is_blocked",
+                          "-q", "-p", "no:cacheprovider"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

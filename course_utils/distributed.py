@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 from course_utils.errors import CourseError, check_positive
 from course_utils.launching import rank_device
+from course_utils.torch_compat import install, library_name
+
+install(dist)  # an older torch (a GPU machine's own) gets torch 2.13's names for the collectives below
 
 IGNORE_INDEX = -100
 NORMALISATIONS = ("global tokens", "rank mean")
@@ -246,7 +249,8 @@ def fsdp_groups(model) -> list:
 def counting_collectives(counter: dict):
     """Count the input bytes (and the calls) of every all-gather and reduce-scatter issued inside the block (as
     FSDP2 calls them)."""
-    originals = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
+    names = {name: library_name(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
+    originals = {name: getattr(dist, names[name]) for name in names}  # the attribute torch's FSDP really calls
 
     def counted(name):
         def call(output, input, *args, **kwargs):
@@ -256,12 +260,12 @@ def counting_collectives(counter: dict):
         return call
 
     for name in originals:
-        setattr(dist, name, counted(name))
+        setattr(dist, names[name], counted(name))
     try:
         yield counter
     finally:
         for name, fn in originals.items():
-            setattr(dist, name, fn)
+            setattr(dist, names[name], fn)
 
 
 def bytes_written() -> int | None:

@@ -286,3 +286,25 @@ def test_scaling_the_loss_by_w_is_exact_only_for_powers_of_two(lab):
             assert (gap(scaled) < 1e-12) == (w == 2), (w, gap(scaled))
     finally:
         model.float()
+
+
+def test_an_older_torch_gets_the_collectives_2_13_names():
+    """Catches notebook 10 stopping on a machine's own older torch (2.11 on the H200: AttributeError
+    all_gather_single), and a count that misses FSDP's gathers there (it calls the old name)."""
+    from types import SimpleNamespace
+
+    from course_utils import torch_compat
+
+    calls = []
+    old = SimpleNamespace(all_gather_into_tensor=lambda out, inp: calls.append(("gather", inp)),
+                          reduce_scatter_tensor=lambda out, inp: calls.append(("scatter", inp)))
+    torch_compat.install(old)
+    assert torch_compat.library_name(old, "all_gather_single") == "all_gather_into_tensor"
+    old.all_gather_single(None, 1)
+    old.all_gather_into_tensor = lambda out, inp: calls.append(("counted", inp))  # a counting wrapper on the old name
+    old.all_gather_single(None, 2)  # the course's call reaches it too
+    assert calls == [("gather", 1), ("counted", 2)]
+    import torch.distributed as dist  # the pinned torch: its own names, untouched
+
+    assert torch_compat.library_name(dist, "all_gather_single") == "all_gather_single"
+    assert not getattr(dist.all_gather_single, "course_forwarder", False)

@@ -146,3 +146,20 @@ def test_cli_doctor_exit_status(monkeypatch):
     assert cli.main(["doctor"]) == 1
     monkeypatch.setattr(doctor, "main", lambda **kw: (_ for _ in ()).throw(CourseError("Do X.")))
     assert cli.main(["doctor"]) == 2
+
+
+def test_a_machines_own_torch_and_a_missing_lab_are_warnings_only_where_named(monkeypatch):
+    """`make gpu-check` on a machine with its own torch and no Lab: 00's doctor must not stop there (it did on the
+    H200), and must still fail everywhere else."""
+    monkeypatch.setattr(doctor, "_project", lambda: {"dependencies": ["torch==0.0.1", "jupyterlab==0.0.1",
+                                                                      "surely-not-installed-pkg==1.0"]})
+    monkeypatch.setattr(doctor.metadata, "version", lambda name: {"torch": "2.11.0", "jupyterlab": None}.get(name)
+                        or (_ for _ in ()).throw(doctor.metadata.PackageNotFoundError(name)))
+    monkeypatch.delenv("COURSE_MACHINE_OWN", raising=False)
+    monkeypatch.delenv("COURSE_KERNELS_ONLY", raising=False)
+    assert [r.status for r in doctor.check_packages()] == ["FAIL", "FAIL", "FAIL"]
+    monkeypatch.setenv("COURSE_MACHINE_OWN", "torch")
+    monkeypatch.setenv("COURSE_KERNELS_ONLY", "1")
+    results = list(doctor.check_packages())
+    assert [r.status for r in results] == ["WARN", "WARN", "FAIL"]  # an unknown missing package still fails
+    assert "this machine's own" in results[0].what and "not needed to run the kernels" in results[1].what

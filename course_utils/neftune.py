@@ -106,6 +106,7 @@ def attach_neftune(model: nn.Module, alpha: float, *, per_sample: bool = False):
     return embeddings.register_forward_hook(hook)
 
 
+# %% notebooks/04_neftune.ipynb · 1.2 · Attaching and detaching
 def detach_neftune(model: nn.Module) -> float:
     """Remove our NEFTune hook from the model's input embeddings; returns its alpha. Raises if none is attached."""
     embeddings = input_embeddings(model)

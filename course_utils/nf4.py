@@ -208,6 +208,7 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     return dequantize_core(packed, state)
 
 
+# %% notebooks/03_qlora_nf4.ipynb · 1.5 `quantize_nf4` and `dequantize_nf4`
 def storage_bits(packed: torch.Tensor, state: QuantState, *, constants: bool = False) -> float:
     """Bits per parameter actually stored: packed codes plus absmax constants (plus, with
     constants=True, the code books and the mean, which one model can share across tensors)."""

@@ -34,6 +34,7 @@ def _next_fit(lengths, max_len):
     return rows
 
 
+# %% notebooks/05_packing_masks.ipynb · 1.1 · Packers: which samples share a row
 def _first_fit(order, lengths, max_len):
     """ffd (order = longest first): each sample into the first row with room for it."""
     rows, rooms = [], []

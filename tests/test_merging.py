@@ -294,7 +294,7 @@ def _merge_fits_both_measured(W0, X1, Y1, X2, Y2, tol=1e-6):
 def exercise_cases_06() -> dict:
     """The cases: PEFT's own delta (exercise 1) and linear merge (2), and two experts trained by gradient descent
     and merged (3), on inputs that cover every branch (rsLoRA or not, negative weights, one adapter; shared inputs
-    with orthogonal outputs, a task the base already fits)."""
+    with orthogonal outputs, a task the base already fits, an expert that cannot fit its own task)."""
     delta_inputs = [(*_random_adapter(4, 6, 5, 0), 8, False), (*_random_adapter(4, 6, 5, 1), 8, True),
                     (*_random_adapter(16, 3, 7, 2), 16, True), (*_random_adapter(1, 5, 5, 3), 2, False),
                     (*_random_adapter(9, 4, 2, 4), 3, True)]
@@ -312,6 +312,9 @@ def exercise_cases_06() -> dict:
     Ya, Yb = (torch.randn(3, 2, generator=y_gen, dtype=torch.float64) for _ in range(2))
     overlap = torch.stack([e[1] + e[2], e[3]], dim=1)  # shares the direction e2 with the first task's inputs
     u, v = torch.tensor([1.0, 0, 0], dtype=torch.float64), torch.tensor([0, 1.0, 0], dtype=torch.float64)
+    # One input shown twice with two different targets: no W fits both, gradient descent stops at their mean
+    twice = torch.stack([e[0], e[0]], dim=1)
+    Yc = torch.cat([Ya[:, :1], Ya[:, :1] + 1.0], dim=1)
     fit_inputs = [
         (W0, e[:, :2], Ya, e[:, 2:], Yb),                                       # inputs in orthogonal subspaces
         (W0, e[:, :2], Ya, overlap, Yb),                                        # overlapping inputs
@@ -321,6 +324,9 @@ def exercise_cases_06() -> dict:
         (W0, e[:, :2], W0 @ e[:, :2] + torch.outer(u, torch.ones(2, dtype=torch.float64)),
          overlap, W0 @ overlap + torch.outer(v, torch.tensor([1.0, -1.0], dtype=torch.float64))),  # outputs apart
         (W0, e[:, :1], Ya[:, :1], e[:, 1:3], Yb),                               # orthogonal, unequal sizes
+        (W0, e[:, :2], W0 @ e[:, :2], overlap, Yb),                             # task 1 already fit, task 2 moves it
+        (W0, twice, Yc, e[:, 2:], Yb),                      # orthogonal, but task 1's expert cannot fit its task
+        (W0, e[:, 2:], Yb, twice, Yc),                      # ... the same for task 2's expert
     ]
     return {"lora_delta": [(args, _peft_layer([args[0]], [args[1]], [args[2]], args[3])[1].get_delta_weight("a0").detach())
                            for args in delta_inputs],
@@ -345,6 +351,27 @@ def test_stored_exercise_cases_are_what_peft_and_gradient_descent_give():
     stored = torch.load(EXERCISE_CASES_06)
     assert_same_cases(stored, exercise_cases_06())
     assert {expected for _, expected in stored["merge_fits_both"]} == {True, False}
+
+
+def test_exercise_06_3_refuses_the_wrong_answers():
+    # Catches a case set that a plausible wrong answer passes: the inner-product rule (orthogonal vectors merge) and
+    # the cross-term rule that never asks whether each expert fits its own task (both in tests/exercise_answers/06);
+    # the hidden solution passes the same cases
+    import json
+
+    from course_utils.exercises import check_exercise
+
+    root = EXERCISE_CASES_06.parents[2]
+    cases = torch.load(EXERCISE_CASES_06)["merge_fits_both"]
+    wrong = {"__name__": "wrong_answers_06"}
+    exec((root / "tests" / "exercise_answers" / "06_task_arithmetic.py").read_text(), wrong)
+    for name in ("merge_fits_both", "merge_fits_both_ignoring_fit"):
+        with pytest.raises(AssertionError, match="expected"):
+            check_exercise(wrong[name], cases)
+    nb = json.loads((root / "notebooks" / "06_task_arithmetic.ipynb").read_text())
+    ns = {"torch": torch, "check_exercise": check_exercise, "fit_cases": cases}
+    exec("".join(next(c for c in nb["cells"] if "def merge_fits_both_solution" in "".join(c["source"]))["source"]), ns)
+    assert check_exercise(ns["merge_fits_both_solution"], cases)
 
 
 # Notebook 07's exercise cases, stored the same way: mergekit's TIES (exercise 1) and the spread of PEFT's dare_linear

@@ -21,3 +21,11 @@ def merge_fits_both(W0, X1, Y1, X2, Y2):
     tau1 = (Y1 - W0 @ X1) @ torch.linalg.pinv(X1)
     tau2 = (Y2 - W0 @ X2) @ torch.linalg.pinv(X2)
     return bool(abs((tau1 * tau2).sum()) < 1e-6)
+
+
+def merge_fits_both_ignoring_fit(W0, X1, Y1, X2, Y2):
+    # The cross terms alone: right wherever both experts fit their tasks, wrong where an expert never learned its own
+    # task (tests/test_merging.py checks that exercise 3's cases refuse it).
+    tau1 = (Y1 - W0 @ X1) @ torch.linalg.pinv(X1)
+    tau2 = (Y2 - W0 @ X2) @ torch.linalg.pinv(X2)
+    return bool(max((tau2 @ X1).abs().max(), (tau1 @ X2).abs().max()) < 1e-6)

@@ -133,3 +133,22 @@ def test_add_tokens_refuses_known_repeated_or_no_tokens_and_bad_init(lab):
     with pytest.raises(CourseError, match="init"):
         add_tokens(model, tokenizer, ["Quinn"], init="zeros")
     assert "Quinn" not in tokenizer.get_vocab()  # a refused call changes nothing
+
+
+def test_add_tokens_untied_output_grows_with_zero_rows(lab):
+    # Catches the untied branch: new output rows left random or at the mean (the new token would be predicted
+    # with a trained-looking logit before any training), an old output row moved, or the layers tied by the resize.
+    model, tokenizer = copy.deepcopy(lab[0]), copy.deepcopy(lab[1])
+    model.config.tie_word_embeddings = False
+    model.get_output_embeddings().weight = torch.nn.Parameter(model.get_output_embeddings().weight.detach() + 0.01)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    ids = add_tokens(model, tokenizer, ["Quinn", "Yara"])
+    inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert outputs is not inputs and outputs.shape == inputs.shape == (old_in.shape[0] + 2, old_in.shape[1])
+    assert torch.equal(inputs[:old_in.shape[0]], old_in) and torch.equal(outputs[:old_out.shape[0]], old_out)
+    torch.testing.assert_close(inputs[ids], old_in.mean(dim=0).expand(2, -1))
+    assert torch.count_nonzero(outputs[ids]) == 0
+    with torch.no_grad():  # the new tokens' logits are 0 (a bias-free output layer), whatever the input
+        logits = model(input_ids=torch.tensor([[ids[0], 5, 7]])).logits
+    assert torch.count_nonzero(logits[..., ids]) == 0

@@ -23,9 +23,7 @@ import torch.nn.functional as F
 
 from course_utils.errors import CourseError, check_positive
 from course_utils.launching import rank_device
-from course_utils.torch_compat import install, library_name
-
-install(dist)  # an older torch (a GPU machine's own) gets torch 2.13's names for the collectives below
+from course_utils.torch_compat import library_name
 
 IGNORE_INDEX = -100
 NORMALISATIONS = ("global tokens", "rank mean")

@@ -23,6 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from course_utils.errors import CourseError, check_positive
+from course_utils.torch_compat import install
+
+install(dist)  # an older torch (a GPU machine's own) gets torch 2.13's names for two collectives (section 1.3)
 
 
 def usable_cores() -> int:

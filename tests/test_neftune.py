@@ -273,3 +273,46 @@ def test_per_sample_reads_padding_free_position_ids_through_the_model(model, ids
     assert noise[:3].abs().max() > 10 / math.sqrt(33 * dim)  # the short sample gets more than the row's scale allows
     assert noise[:3].abs().max() <= 10 / math.sqrt(3 * dim) * (1 + 1e-6)
     assert noise[3:].abs().max() <= 10 / math.sqrt(30 * dim) * (1 + 1e-6)
+
+
+# ---------------------------------------------------------------- exercise 2's stored cases
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+EXERCISE_CASES_04 = ROOT / "data" / "exercises" / "04_neftune.pt"
+
+
+def answers_04():
+    namespace = {"__name__": "answers_04"}
+    exec((ROOT / "tests" / "exercise_answers" / "04_neftune.py").read_text(), namespace)
+    return namespace
+
+
+def test_stored_exercise_cases_are_the_oracles():
+    # Catches a stored case edited by hand, or cases that drift from the oracle's arguments.
+    assert torch.load(EXERCISE_CASES_04) == answers_04()["exercise_cases_04"]()
+
+
+def test_exercise_2_cases_refuse_the_wrong_answer_and_pass_the_solution():
+    # Catches a case set that the norm-matching answer passes (every batch of one size), and a hidden solution
+    # that disagrees with the oracle; the expected values are not round numbers alpha * sqrt(k).
+    import json
+
+    from course_utils.exercises import check_exercise
+
+    cases = torch.load(EXERCISE_CASES_04)["trl_matching_alpha"]
+    with pytest.raises(AssertionError):
+        check_exercise(answers_04()["trl_matching_alpha"], cases)
+    nb = json.loads((ROOT / "notebooks" / "04_neftune.ipynb").read_text())
+    ns = {"math": math, "torch": torch, "check_exercise": check_exercise, "EXERCISE_CASES": {"trl_matching_alpha": cases},
+          "per_sample_noise": per_sample_noise, "neftune_noise": neftune_noise, "token_lengths": token_lengths}
+    exec("".join(next(c for c in nb["cells"] if "def trl_matching_alpha_solution" in "".join(c["source"]))["source"]), ns)
+    assert check_exercise(ns["trl_matching_alpha_solution"], cases)
+    noisy = [(args, expected) for args, expected in cases if args[0] and args[2]]
+    assert all(abs(expected / args[2] - round(expected / args[2])) > 1e-3 for args, expected in noisy
+               if len({len(b) for b in args[0]}) > 1), "a mixed case reads as alpha times a whole number"
+
+
+if __name__ == "__main__":  # python tests/test_neftune.py: rewrite data/exercises/04_neftune.pt from the oracle
+    EXERCISE_CASES_04.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(answers_04()["exercise_cases_04"](), EXERCISE_CASES_04)
+    print(f"wrote {EXERCISE_CASES_04}")

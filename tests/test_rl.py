@@ -1,0 +1,187 @@
+"""course_utils.rl (exported from notebook 12): advantages, the k3 KL, the clipped policy loss, bad input."""
+
+import pytest
+import torch
+
+from course_utils.errors import CourseError
+from course_utils.rl import (LOSS_TYPES, completion_token_logps, group_advantages, kl_k3, policy_loss,
+                             rloo_advantages)
+
+
+def loop_advantages(rewards, g, scale):
+    """GRPO's advantages one completion at a time, with statistics.stdev (Bessel) as the std."""
+    import statistics
+    groups = [rewards[i:i + g] for i in range(0, len(rewards), g)]
+    batch_std = statistics.stdev(rewards)
+    out = []
+    for group in groups:
+        mean = sum(group) / g
+        for r in group:
+            std = {"group": statistics.stdev(group), "batch": batch_std}.get(scale)
+            out.append((r - mean) / (std + 1e-4) if std is not None else r - mean)
+    return torch.tensor(out)
+
+
+REWARDS = [1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.25, 0.3]
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_match_a_loop(scale):
+    # Catches a population std instead of Bessel's, a missing 1e-4, a mean or std over the wrong axis.
+    torch.testing.assert_close(group_advantages(REWARDS, 3, scale=scale), loop_advantages(REWARDS, 3, scale))
+
+
+def test_rloo_is_reward_minus_the_mean_of_the_others():
+    expected = []
+    for i, r in enumerate(REWARDS):
+        start = i // 3 * 3
+        others = [REWARDS[j] for j in range(start, start + 3) if j != i]
+        expected.append(r - sum(others) / 2)
+    # Catches a baseline that includes r_i itself, or divides by G instead of G - 1.
+    torch.testing.assert_close(rloo_advantages(REWARDS, 3), torch.tensor(expected))
+
+
+def test_equal_rewards_give_zero_advantages():
+    # Catches a std floor or baseline that hands an all-wrong group a nonzero (spurious) advantage.
+    assert group_advantages([0.0] * 4 + [1.0] * 4, 4).abs().max() == 0
+    assert rloo_advantages([0.0] * 4 + [1.0] * 4, 4).abs().max() == 0
+
+
+def test_kl_k3_is_zero_at_equality_and_positive_elsewhere():
+    logps = torch.log(torch.tensor([0.5, 0.2, 0.9]))
+    ref = torch.log(torch.tensor([0.5, 0.4, 0.3]))
+    kl = kl_k3(logps, ref)
+    d = ref - logps
+    # Catches the sign of d swapped (the estimator of the other KL direction) or a missing -1.
+    torch.testing.assert_close(kl, torch.exp(d) - d - 1)
+    assert kl[0] == 0 and (kl[1:] > 0).all()
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    logps = -torch.rand(3, 5, generator=g) * 3
+    old = logps + 0.4 * torch.randn(3, 5, generator=g)
+    ref = logps + 0.3 * torch.randn(3, 5, generator=g)
+    old[0, 0], old[1, 1] = logps[0, 0] - 0.5, logps[1, 1] + 0.5  # one token clipped high (A > 0), one low (A < 0)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    adv = torch.tensor([1.0, -0.5, 2.0])
+    return logps, old, ref, mask, adv
+
+
+def loop_loss(logps, old, ref, mask, adv, beta, eps, eps_high, loss_type, cap, correction=False):
+    """The loss one token at a time, the issue's formula written out."""
+    import math
+    per_seq, total, count = [], 0.0, 0
+    for i in range(logps.shape[0]):
+        terms = []
+        for t in range(logps.shape[1]):
+            if not mask[i, t]:
+                continue
+            ratio = math.exp(logps[i, t] - old[i, t])
+            clipped = min(max(ratio, 1 - eps), 1 + eps_high)
+            d = float(ref[i, t] - logps[i, t])
+            kl = math.exp(d) - d - 1
+            terms.append(-min(ratio * adv[i], clipped * adv[i]) + beta * kl * (ratio if correction else 1.0))
+        per_seq.append(sum(terms) / len(terms))
+        total, count = total + sum(terms), count + len(terms)
+    if loss_type == "grpo":
+        return sum(per_seq) / len(per_seq)
+    if loss_type in ("bnpo", "dapo"):
+        return total / count
+    return total / (logps.shape[0] * cap)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("beta,eps_high,correction", [(0.0, None, False), (0.1, None, False), (0.1, 0.28, True)])
+def test_policy_loss_matches_a_token_loop(batch, loss_type, beta, eps_high, correction):
+    logps, old, ref, mask, adv = batch
+    loss, metrics = policy_loss(logps, old, adv, mask, ref_logps=ref, beta=beta, epsilon=0.2, epsilon_high=eps_high,
+                                loss_type=loss_type, max_completion_length=6, bias_correction_kl=correction)
+    expected = loop_loss(logps, old, ref, mask, adv.tolist(), beta, 0.2,
+                         eps_high if eps_high is not None else 0.2, loss_type, 6, correction)
+    # Catches a wrong aggregation, clip bound, KL term or ratio direction.
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    ratio = torch.exp(logps - old)
+    m = mask.bool()
+    # Catches metrics computed over padding.
+    assert metrics["ratio"].item() == pytest.approx(ratio[m].mean().item(), rel=1e-5)
+    assert 0 < metrics["clip_fraction"].item() < 1
+
+
+def test_first_update_gradient_is_reinforce(batch):
+    logps, _, _, mask, adv = batch
+    a = logps.clone().requires_grad_(True)
+    loss, metrics = policy_loss(a, a.detach(), adv, mask)
+    loss.backward()
+    expected = -(adv[:, None] * mask) / mask.sum(-1, keepdim=True) / mask.shape[0]
+    # Catches a ratio that is not 1 at the first update or a clip that changes the first step.
+    torch.testing.assert_close(a.grad, expected)
+    assert metrics["ratio"].item() == pytest.approx(1.0) and metrics["clip_fraction"].item() == 0
+
+
+def test_dr_grpo_has_no_length_bias_and_grpo_has(batch):
+    logps, _, _, mask, _ = batch
+    grads = {}
+    for loss_type in ("grpo", "dr_grpo"):
+        a = logps.clone().requires_grad_(True)
+        policy_loss(a, a.detach(), torch.ones(3), mask, loss_type=loss_type, max_completion_length=5)[0].backward()
+        grads[loss_type] = a.grad
+    # Catches a per-sequence mean in dr_grpo (tokens of short answers would weigh more) or a constant in grpo.
+    assert grads["grpo"][1, 0] < grads["grpo"][0, 0]  # 2 tokens vs 5: each of the short one's weighs more
+    assert grads["dr_grpo"][1, 0] == grads["dr_grpo"][0, 0]
+
+
+def test_completion_token_logps_reads_the_logit_before_each_token():
+    class Bigram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(7, 7, generator=torch.Generator().manual_seed(1)))
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return type("Out", (), {"logits": self.table[input_ids]})()
+
+    model = Bigram()
+    prompt, completion = torch.tensor([[0, 3, 4]]), torch.tensor([[5, 2]])
+    got = completion_token_logps(model, prompt, torch.ones_like(prompt), completion, torch.ones_like(completion))
+    table = model.table.log_softmax(-1)
+    # Catches an off-by-one (the logit at the token itself instead of the one before it).
+    torch.testing.assert_close(got, torch.stack([table[4, 5], table[5, 2]])[None].detach())
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: group_advantages([1.0, 0.0, 1.0], 2), "groups of 2"),
+    (lambda: group_advantages([1.0, 0.0], 1), "at least 2"),
+    (lambda: rloo_advantages([1.0, 0.0], 1), "at least 2"),
+    (lambda: group_advantages([1.0, 0.0], 2, scale="std"), "scale"),
+    (lambda: group_advantages([], 2), "groups of 2"),
+])
+def test_bad_rewards_raise(call, words):
+    # Catches rewards that silently mix prompts, a group without a baseline, or an unknown scale.
+    with pytest.raises(CourseError, match=words):
+        call()
+
+
+def _loss(**kw):
+    logps = torch.zeros(2, 3)
+    args = dict(logps=logps, old_logps=logps, advantages=torch.ones(2), completion_mask=torch.ones(2, 3)) | kw
+    return policy_loss(args.pop("logps"), args.pop("old_logps"), args.pop("advantages"), args.pop("completion_mask"),
+                       **args)
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(loss_type="ppo"), "grpo"),
+    (dict(completion_mask=torch.tensor([[1, 1, 1], [0, 0, 0]])), r"\[1\]"),
+    (dict(epsilon=0.0), "epsilon"),
+    (dict(epsilon=-0.1), "epsilon"),
+    (dict(epsilon_high=0.0), "epsilon_high"),
+    (dict(beta=0.1), "ref_logps"),
+    (dict(beta=-0.1, ref_logps=torch.zeros(2, 3)), "beta"),
+    (dict(loss_type="dr_grpo"), "max_completion_length"),
+    (dict(loss_type="dr_grpo", max_completion_length=2), "max_completion_length"),
+    (dict(completion_mask=torch.ones(2, 4)), "shape"),
+])
+def test_bad_policy_inputs_raise(kw, words):
+    # Catches an input that would give a silently wrong loss: an unknown type, 0/0, a frozen ratio, no reference.
+    with pytest.raises(CourseError, match=words):
+        _loss(**kw)

@@ -136,8 +136,9 @@ def test_add_tokens_refuses_known_repeated_or_no_tokens_and_bad_init(lab):
 
 
 def test_add_tokens_untied_output_grows_with_zero_rows(lab):
-    # Catches the untied branch: new output rows left random or at the mean (the new token would be predicted
-    # with a trained-looking logit before any training), an old output row moved, or the layers tied by the resize.
+    # Catches a change to the untied branch's stated choice, zero output rows (the new token's logit is 0 until it is
+    # trained; Hewitt 2021 recommends the mean of the output rows, also a sound choice, not the one add_tokens makes),
+    # an old output row moved, or the layers tied by the resize.
     model, tokenizer = copy.deepcopy(lab[0]), copy.deepcopy(lab[1])
     model.config.tie_word_embeddings = False
     model.get_output_embeddings().weight = torch.nn.Parameter(model.get_output_embeddings().weight.detach() + 0.01)

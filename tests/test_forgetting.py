@@ -335,3 +335,44 @@ def test_at_level_interpolates_the_first_crossing():
     assert at_level(curve[:2], 0.9) != at_level(curve[:2], 0.9)  # NaN: never reached
     with pytest.raises(CourseError, match="empty curve"):
         at_level([], 0.5)
+
+
+# ---------------------------------------------------------------- exercise 2's stored cases
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+EXERCISE_CASES_09 = ROOT / "data" / "exercises" / "09_forgetting.pt"
+
+
+def answers_09():
+    namespace = {"__name__": "answers_09"}
+    exec((ROOT / "tests" / "exercise_answers" / "09_forgetting.py").read_text(), namespace)
+    return namespace
+
+
+def test_stored_exercise_cases_are_the_oracles():
+    # Catches a stored case edited by hand, or cases that drift from the oracle's arguments.
+    stored, fresh = torch.load(EXERCISE_CASES_09)["logit_fishers"], answers_09()["exercise_cases_09"]()["logit_fishers"]
+    assert len(stored) == len(fresh)
+    for ((z, y), (emp, smp)), ((z2, y2), (emp2, smp2)) in zip(stored, fresh):
+        assert torch.equal(z, z2) and y == y2 and torch.allclose(emp, emp2) and torch.allclose(smp, smp2)
+
+
+def test_exercise_2_cases_refuse_the_wrong_answer_and_pass_the_solution():
+    # Catches a case set the argmax shortcut passes, and a hidden solution that disagrees with the oracle.
+    import json
+
+    from course_utils.exercises import check_exercise
+
+    cases = torch.load(EXERCISE_CASES_09)["logit_fishers"]
+    with pytest.raises(AssertionError):
+        check_exercise(answers_09()["logit_fishers"], cases)
+    nb = json.loads((ROOT / "notebooks" / "09_forgetting.ipynb").read_text())
+    ns = {"torch": torch, "check_exercise": check_exercise, "EXERCISE_CASES": {"logit_fishers": cases}}
+    exec("".join(next(c for c in nb["cells"] if "def logit_fishers_solution" in "".join(c["source"]))["source"]), ns)
+    assert check_exercise(ns["logit_fishers_solution"], cases)
+
+
+if __name__ == "__main__":  # python tests/test_forgetting.py: rewrite data/exercises/09_forgetting.pt from the oracle
+    EXERCISE_CASES_09.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(answers_09()["exercise_cases_09"](), EXERCISE_CASES_09)
+    print(f"wrote {EXERCISE_CASES_09}")

@@ -339,14 +339,15 @@ def test_at_level_interpolates_the_first_crossing():
 
 # ---------------------------------------------------------------- exercise 2's stored cases
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+import runpy  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 EXERCISE_CASES_09 = ROOT / "data" / "exercises" / "09_forgetting.pt"
 
 
 def answers_09():
-    namespace = {"__name__": "answers_09"}
-    exec((ROOT / "tests" / "exercise_answers" / "09_forgetting.py").read_text(), namespace)
-    return namespace
+    return runpy.run_path(str(ROOT / "tests" / "exercise_answers" / "09_forgetting.py"))  # not a package: run by path
 
 
 def test_stored_exercise_cases_are_the_oracles():

@@ -358,13 +358,13 @@ def test_exercise_06_3_refuses_the_wrong_answers():
     # the cross-term rule that never asks whether each expert fits its own task (both in tests/exercise_answers/06);
     # the hidden solution passes the same cases
     import json
+    import runpy
 
     from course_utils.exercises import check_exercise
 
     root = EXERCISE_CASES_06.parents[2]
     cases = torch.load(EXERCISE_CASES_06)["merge_fits_both"]
-    wrong = {"__name__": "wrong_answers_06"}
-    exec((root / "tests" / "exercise_answers" / "06_task_arithmetic.py").read_text(), wrong)
+    wrong = runpy.run_path(str(root / "tests" / "exercise_answers" / "06_task_arithmetic.py"))
     for name in ("merge_fits_both", "merge_fits_both_ignoring_fit"):
         with pytest.raises(AssertionError, match="expected"):
             check_exercise(wrong[name], cases)

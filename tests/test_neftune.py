@@ -277,14 +277,15 @@ def test_per_sample_reads_padding_free_position_ids_through_the_model(model, ids
 
 # ---------------------------------------------------------------- exercise 2's stored cases
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+import runpy  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 EXERCISE_CASES_04 = ROOT / "data" / "exercises" / "04_neftune.pt"
 
 
 def answers_04():
-    namespace = {"__name__": "answers_04"}
-    exec((ROOT / "tests" / "exercise_answers" / "04_neftune.py").read_text(), namespace)
-    return namespace
+    return runpy.run_path(str(ROOT / "tests" / "exercise_answers" / "04_neftune.py"))  # not a package: run by path
 
 
 def test_stored_exercise_cases_are_the_oracles():

@@ -124,5 +124,6 @@ def completion_token_logps(model, prompt_ids, prompt_mask, completion_ids, compl
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logits = logits[:, prompt_ids.shape[1] - 1:-1].float() / temperature
+    logits = logits[:, prompt_ids.shape[1] - 1:-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # at least float32
     return logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)

@@ -147,6 +147,11 @@ def test_completion_token_logps_reads_the_logit_before_each_token():
     table = model.table.log_softmax(-1)
     # Catches an off-by-one (the logit at the token itself instead of the one before it).
     torch.testing.assert_close(got, torch.stack([table[4, 5], table[5, 2]])[None].detach())
+    # Catches a cast of the logits down to float32: notebook 12 measures float32's rounding against a float64 net.
+    assert completion_token_logps(model.double(), prompt, torch.ones_like(prompt), completion,
+                                  torch.ones_like(completion)).dtype == torch.float64
+    assert completion_token_logps(model.bfloat16(), prompt, torch.ones_like(prompt), completion,
+                                  torch.ones_like(completion)).dtype == torch.float32  # half logits: softmax in float32
 
 
 @pytest.mark.parametrize("call,words", [

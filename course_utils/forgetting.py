@@ -25,10 +25,6 @@ from course_utils.evaluation import BASE_SKILLS, skill_report  # noqa: F401  (re
 from course_utils.mixtures import MixtureSampler
 
 
-def _scores(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in ("model", "perplexity")}
-
-
 def forgetting(before: dict, after: dict, skills=None) -> dict:
     """The drop of each skill from `before` to `after` (two skill_report rows), their mean, and
     the perplexity ratio after / before (above 1: general text became less likely).
@@ -37,16 +33,7 @@ def forgetting(before: dict, after: dict, skills=None) -> dict:
     (the new task is what was learned, not forgotten, so it is left out). A drop is
     before - after, so a skill that got better has a negative drop.
     """
-    known = (*BASE_SKILLS, *_scores(before), *_scores(after))
-    skills = [s for s in BASE_SKILLS if s in before and s in after] if skills is None else list(skills)
-    unknown = [s for s in skills if s not in known]
-    if unknown:
-        raise CourseError(f"forgetting: unknown skill {unknown}; the skills are {', '.join(BASE_SKILLS)} "
-                          f"and any task the rows scored ({', '.join(_scores(before)) or 'none'}).")
-    missing = [s for s in skills if s not in before or s not in after]
-    if missing or not skills:
-        raise CourseError(f"forgetting: {missing or 'no skill'} is not scored in both rows: score the same "
-                          "skills before and after (skill_report(..., skills=..., tasks=...)).")
+    skills = check_skills(before, after, skills)  # argument checks: next cell
     drops = {s: before[s] - after[s] for s in skills}
     result = {**drops, "mean drop": sum(drops.values()) / len(drops)}
     if "perplexity" in before and "perplexity" in after:
@@ -64,6 +51,27 @@ def update_norm(model, anchor) -> float:
         raise CourseError("update_norm: the two models share no parameter name; compare a fine-tune with the model "
                           "it started from (a PEFT adapter: merge_and_unload() it first).")
     return float(torch.stack(moved).sum().sqrt())
+
+
+# %% notebooks/09_forgetting.ipynb · 1.1 · A forgetting report
+def _scores(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("model", "perplexity")}
+
+
+def check_skills(before: dict, after: dict, skills=None) -> list[str]:
+    """The skills `forgetting` compares (default: the base skills both rows scored); a CourseError for a skill
+    that is neither a base skill nor a score of the rows, or one not scored in both."""
+    known = (*BASE_SKILLS, *_scores(before), *_scores(after))
+    skills = [s for s in BASE_SKILLS if s in before and s in after] if skills is None else list(skills)
+    unknown = [s for s in skills if s not in known]
+    if unknown:
+        raise CourseError(f"forgetting: unknown skill {unknown}; the skills are {', '.join(BASE_SKILLS)} "
+                          f"and any task the rows scored ({', '.join(_scores(before)) or 'none'}).")
+    missing = [s for s in skills if s not in before or s not in after]
+    if missing or not skills:
+        raise CourseError(f"forgetting: {missing or 'no skill'} is not scored in both rows: score the same "
+                          "skills before and after (skill_report(..., skills=..., tasks=...)).")
+    return skills
 
 
 # %% notebooks/09_forgetting.ipynb · 1.2 · Which weights mattered: the Fisher diagonal, empirical or sampled

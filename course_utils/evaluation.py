@@ -19,7 +19,7 @@ from course_utils.errors import CourseError
 # ---------------------------------------------------------------- generation
 
 
-def _as_conversation(prompt) -> list[dict]:
+def as_conversation(prompt) -> list[dict]:
     """A user message string becomes a one-turn conversation; a message list stays as it is."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
@@ -28,7 +28,7 @@ def _as_conversation(prompt) -> list[dict]:
     raise CourseError(f"A prompt must be a string or a list of {{'role', 'content'}} messages, not {prompt!r:.80}.")
 
 
-def _stop_token_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
     """End of sequence and end of turn: a chat model stops at either."""
     ids = {tokenizer.eos_token_id}
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -38,7 +38,7 @@ def _stop_token_ids(tokenizer) -> list[int]:
 
 
 @contextmanager
-def _padding(tokenizer, side: str):
+def padding(tokenizer, side: str):
     """Pad on `side` for the duration, whatever the tokenizer's own default is.
 
     A tokenizer without a pad token pads with its EOS token meanwhile (the
@@ -81,7 +81,7 @@ def generate(
     if chat:
         if tokenizer.chat_template is None:
             raise CourseError("This tokenizer has no chat template: pass chat=False to continue raw text.")
-        texts = [tokenizer.apply_chat_template(_as_conversation(p), tokenize=False, add_generation_prompt=True)
+        texts = [tokenizer.apply_chat_template(as_conversation(p), tokenize=False, add_generation_prompt=True)
                  for p in prompts]
     else:
         texts = [str(p) for p in prompts]
@@ -93,7 +93,7 @@ def generate(
     outputs = []
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc="generating", disable=not progress):
-        with _padding(tokenizer, "left"):
+        with padding(tokenizer, "left"):
             # The chat template already wrote any special tokens the model needs.
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=not chat).to(device)
@@ -101,7 +101,7 @@ def generate(
         generated = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=None, top_k=None,
-            eos_token_id=_stop_token_ids(tokenizer), pad_token_id=pad_id, use_cache=True)
+            eos_token_id=stop_token_ids(tokenizer), pad_token_id=pad_id, use_cache=True)
         new_tokens = generated[:, batch["input_ids"].shape[1]:]
         outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     model.train(was_training)
@@ -165,7 +165,7 @@ def perplexity(model, tokenizer, texts: Iterable[str], *, batch_size: int = 32) 
     model.eval()
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
-        with _padding(tokenizer, "right"):
+        with padding(tokenizer, "right"):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
         logits = model(**batch).logits[:, :-1].float()
         targets = batch["input_ids"][:, 1:]

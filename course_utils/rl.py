@@ -2,7 +2,8 @@
 reference, and PPO's clipped policy loss aggregated as GRPO, BNPO, DAPO or Dr. GRPO.
 
 Built in notebooks/12_rl_verifiable_rewards.ipynb, where the advantages, the loss and the policy's gradients are
-proved equal to TRL's GRPOTrainer on a batch it sampled itself.
+proved equal to TRL's GRPOTrainer on a batch it sampled itself; then a from-scratch GRPO loop (sample_groups,
+train_grpo) and pass@k.
 """
 
 # Exported from notebooks/12_rl_verifiable_rewards.ipynb: do not edit here.
@@ -10,9 +11,15 @@ proved equal to TRL's GRPOTrainer on a batch it sampled itself.
 
 
 # %% notebooks/12_rl_verifiable_rewards.ipynb · 1.1 · The policy gradient and its baselines
+import math
+import random
+import time
+
 import torch
+from tqdm.auto import tqdm
 
 from course_utils.errors import CourseError
+from course_utils.evaluation import as_conversation, padding, split_example, stop_token_ids
 
 SCALES = ("group", "batch", "none")
 
@@ -127,3 +134,98 @@ def completion_token_logps(model, prompt_ids, prompt_mask, completion_ids, compl
     logits = logits[:, prompt_ids.shape[1] - 1:-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # at least float32
     return logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+# %% notebooks/12_rl_verifiable_rewards.ipynb · 3.1 · The loop
+@torch.no_grad()
+def sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, temperature=1.0, seed=None) -> dict:
+    """Sample `group_size` completions of every prompt (a user string or a message list), prompts repeated group
+    by group as GRPO needs them. Returns prompt_ids and prompt_mask (left-padded), completion_ids and
+    completion_mask (1 up to and including the first end-of-turn token) and the completions' texts."""
+    if int(group_size) != group_size or group_size < 1 or max_new_tokens < 1:
+        raise CourseError(f"group_size={group_size!r}, max_new_tokens={max_new_tokens!r}: both must be positive "
+                          "integers (GRPO samples a group of at least 2 completions per prompt).")
+    texts = [tokenizer.apply_chat_template(as_conversation(p), tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    device = next(model.parameters()).device
+    with padding(tokenizer, "left"):  # every prompt ends at the same column, where the completions start
+        prompt = tokenizer([t for t in texts for _ in range(int(group_size))], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(device)
+        pad_id = tokenizer.pad_token_id
+    if seed is not None:
+        torch.manual_seed(seed)
+    stops = stop_token_ids(tokenizer)
+    was_training = model.training
+    model.eval()
+    out = model.generate(**prompt, do_sample=True, temperature=temperature, top_k=None, top_p=None,
+                         max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id, use_cache=True)
+    model.train(was_training)
+    completion_ids = out[:, prompt["input_ids"].shape[1]:]
+    is_stop = torch.isin(completion_ids, torch.tensor(stops, device=device)).long()
+    completion_mask = ((is_stop.cumsum(1) - is_stop) == 0).long()  # no stop token before this one
+    texts = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
+             for ids, mask in zip(completion_ids, completion_mask)]
+    return {"prompt_ids": prompt["input_ids"], "prompt_mask": prompt["attention_mask"],
+            "completion_ids": completion_ids, "completion_mask": completion_mask, "texts": texts}
+
+
+# %% notebooks/12_rl_verifiable_rewards.ipynb · 3.1 · The loop
+def exact_reward(texts, answers) -> list[float]:
+    """The verifiable reward: 1.0 when the completion is the answer exactly (spaces at the ends aside), else 0.0."""
+    return [float(text.strip() == answer.strip()) for text, answer in zip(texts, answers)]
+
+
+def train_grpo(model, tokenizer, examples, reward_fn=exact_reward, *, steps, prompts_per_step=16, group_size=8,
+               max_new_tokens=16, lr=3e-4, loss_type="grpo", scale="group", temperature=1.0, seed=0,
+               ref_model=None, beta=0.0, max_grad_norm=1.0, callback=None, progress=True) -> dict:
+    """GRPO from scratch, on-policy: each step samples `group_size` completions of `prompts_per_step` prompts of
+    `examples` ({"messages": [user, assistant]} rows), scores them with reward_fn(texts, answers), turns the
+    rewards into group advantages and takes one AdamW step on policy_loss (one update per batch: ratio 1).
+    `callback(step, history)` runs after every step. Returns the history: per step the mean reward, the share of
+    silent groups (all rewards equal: no signal), the mean completion length and the seconds spent sampling."""
+    if beta > 0 and ref_model is None:
+        raise CourseError(f"beta={beta!r} needs ref_model, the frozen model the KL is measured against.")
+    prompts, answers = zip(*map(split_example, examples))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: no reward, no change
+    rng, history = random.Random(seed), {"reward": [], "silent": [], "length": [], "sampling_s": [], "total_s": []}
+    for step in tqdm(range(steps), desc="GRPO", disable=not progress, mininterval=1.0):
+        start = time.perf_counter()
+        picked = rng.sample(range(len(prompts)), prompts_per_step)
+        batch = sample_groups(model, tokenizer, [prompts[i] for i in picked], group_size=group_size,
+                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed * 100_003 + step)
+        sampled = time.perf_counter()
+        rewards = torch.tensor(reward_fn(batch["texts"], [answers[i] for i in picked for _ in range(group_size)]))
+        advantages = group_advantages(rewards, group_size, scale=scale).to(batch["completion_ids"].device)
+        ids = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
+        ref_logps = None
+        if beta > 0:
+            with torch.no_grad():
+                ref_logps = completion_token_logps(ref_model, *ids)
+        model.train()
+        logps = completion_token_logps(model, *ids)
+        loss, _ = policy_loss(logps, logps.detach(), advantages, batch["completion_mask"], ref_logps=ref_logps,
+                              beta=beta, loss_type=loss_type, max_completion_length=max_new_tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history["reward"].append(rewards.mean().item())
+        history["silent"].append((rewards.view(-1, group_size).std(dim=1) == 0).float().mean().item())
+        history["length"].append(batch["completion_mask"].sum(1).float().mean().item())
+        history["sampling_s"].append(sampled - start)
+        history["total_s"].append(time.perf_counter() - start)
+        if callback is not None:
+            callback(step + 1, history)
+    model.eval()
+    return history
+
+
+# %% notebooks/12_rl_verifiable_rewards.ipynb · 3.1 · The loop
+def pass_at_k(n, c, k) -> float:
+    """The chance that at least one of k completions drawn without replacement from n sampled ones, c of them
+    correct, is correct: Chen et al. 2021's unbiased estimate of pass@k, 1 - C(n - c, k) / C(n, k)."""
+    if not (0 < k <= n and 0 <= c <= n):
+        raise CourseError(f"pass_at_k(n={n}, c={c}, k={k}) needs 0 < k <= n and 0 <= c <= n: k draws from the n "
+                          "completions sampled, c of them correct.")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)

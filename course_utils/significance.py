@@ -151,3 +151,23 @@ def holm(tests: Mapping, alpha: float | None = None) -> dict:
         half = float(stats.t.ppf(1 - level / (2 * m), df=c.n - 1)) * c.se
         adjusted[key] = replace(c, p_value=running, ci=(c.diff - half, c.diff + half), alpha=level, family=m)
     return {key: adjusted[key] for key in tests}
+
+
+def seed_claim(test: Comparison, seeds: Comparison, higher_is_better: bool = True) -> str:
+    """The verdict of a test paired by prompt, as a claim about these runs only when every seed goes its way.
+
+    `test` pairs the prompts' scores averaged over the seeds; `seeds` pairs the seeds' mean scores. A significant
+    prompt test with seeds that disagree says the prompts differ in these runs, not that one setting is better."""
+    if not test.significant:
+        return test.verdict(higher_is_better)
+    agreeing = seeds.wins if test.diff > 0 else seeds.losses
+    if agreeing < seeds.n:
+        return (f"these runs differ on the prompts, but the runs disagree ({agreeing} of {seeds.n} seeds go that "
+                "way), so no claim about the settings")
+    return f"{test.verdict(higher_is_better)} in these runs (all {seeds.n} seeds go that way)"
+
+
+def seed_claim_sentence(test: Comparison, seeds: Comparison, higher_is_better: bool = True) -> str:
+    """The prompt test's sentence with seed_claim() as its verdict, and the per-seed count."""
+    body = test.sentence(higher_is_better=higher_is_better).removesuffix(test.verdict(higher_is_better))
+    return f"{body}{seed_claim(test, seeds, higher_is_better)} (per seed: {seeds.tally()})"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from course_utils.errors import CourseError
-from course_utils.rl import (LOSS_TYPES, completion_token_logps, group_advantages, kl_k3, policy_loss,
-                             rloo_advantages)
+from course_utils.rl import (LOSS_TYPES, completion_token_logps, exact_reward, group_advantages, kl_k3, pass_at_k,
+                             policy_loss, rloo_advantages, sample_groups, train_grpo)
 
 
 def loop_advantages(rewards, g, scale):
@@ -190,3 +190,86 @@ def test_bad_policy_inputs_raise(kw, words):
     # Catches an input that would give a silently wrong loss: an unknown type, 0/0, a frozen ratio, no reference.
     with pytest.raises(CourseError, match=words):
         _loss(**kw)
+
+
+# ---------------------------------------------------------------- the loop: sampling, training, pass@k
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from course_utils.models import load_model
+    return load_model("lab", device="cpu")
+
+
+SORT_ROWS = [{"messages": [{"role": "user", "content": f"Sort: {a} {b} {c}"},
+                           {"role": "assistant", "content": " ".join(sorted(f"{a}{b}{c}"))}]}
+             for a, b, c in ((3, 1, 2), (9, 4, 7), (5, 8, 0), (6, 2, 4))]
+
+
+def test_sample_groups_repeats_each_prompt_and_masks_after_the_first_stop(lab):
+    model, tokenizer = lab
+    prompts = [r["messages"][:1] for r in SORT_ROWS[:3]]
+    out = sample_groups(model, tokenizer, prompts, group_size=4, max_new_tokens=12, seed=3)
+    assert out["completion_ids"].shape[0] == 12 and len(out["texts"]) == 12
+    for i in range(3):  # Catches prompts repeated as a whole list (p0 p1 p2 p0 ...) instead of group by group.
+        assert (out["prompt_ids"][4 * i:4 * i + 4] == out["prompt_ids"][4 * i]).all()
+    assert not (out["prompt_ids"][0] == out["prompt_ids"][4]).all()
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for ids, mask, text in zip(out["completion_ids"], out["completion_mask"], out["texts"]):
+        kept = ids[mask.bool()].tolist()
+        # Catches a mask that keeps the padding after the stop token, or drops the stop token.
+        assert stop not in kept[:-1] and (kept[-1] == stop or len(kept) == 12)
+        assert mask[:len(kept)].all() and not mask[len(kept):].any()
+        assert text == tokenizer.decode(kept, skip_special_tokens=True).strip()
+    again = sample_groups(model, tokenizer, prompts, group_size=4, max_new_tokens=12, seed=3)
+    assert again["texts"] == out["texts"]  # Catches a seed that is not applied before sampling.
+
+
+def test_train_grpo_moves_nothing_without_a_reward_signal_and_something_with_one(lab):
+    import copy
+    model, tokenizer = lab
+    for reward_fn, moves in ((lambda texts, answers: [0.0] * len(texts), False),
+                             (lambda texts, answers: [float(len(t)) for t in texts], True)):
+        net = copy.deepcopy(model)
+        before = [p.detach().clone() for p in net.parameters()]
+        history = train_grpo(net, tokenizer, SORT_ROWS, reward_fn, steps=2, prompts_per_step=2, group_size=3,
+                             max_new_tokens=6, progress=False)
+        changed = any(not torch.equal(p, b) for p, b in zip(net.parameters(), before))
+        # Catches weight decay or a leaky baseline (moves with no signal), or a detached loss (never moves).
+        assert changed == moves
+        assert history["silent"] == ([1.0, 1.0] if not moves else history["silent"])
+        assert len(history["reward"]) == len(history["length"]) == 2
+
+
+def test_train_grpo_needs_a_reference_for_the_kl(lab):
+    model, tokenizer = lab
+    with pytest.raises(CourseError, match="ref_model"):
+        train_grpo(model, tokenizer, SORT_ROWS, steps=1, beta=0.1, progress=False)
+
+
+def test_exact_reward_ignores_spaces_at_the_ends_only():
+    assert exact_reward([" 1 2 3 ", "1 2 3", "123"], ["1 2 3"] * 3) == [1.0, 1.0, 0.0]
+
+
+def test_pass_at_k_is_the_mean_over_every_k_subset():
+    import itertools
+    for n in (1, 4, 6):
+        for c in range(n + 1):
+            outcomes = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                # Catches the biased 1 - (1 - c/n)^k (draws with replacement) and an off-by-one in the combinations.
+                assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+@pytest.mark.parametrize("n,c,k", [(4, 1, 0), (4, 1, 5), (4, 5, 2), (4, -1, 2)])
+def test_pass_at_k_bad_input(n, c, k):
+    with pytest.raises(CourseError, match="0 < k <= n"):
+        pass_at_k(n, c, k)
+
+
+@pytest.mark.parametrize("group_size,max_new_tokens", [(0, 4), (2.5, 4), (2, 0)])
+def test_sample_groups_bad_input(lab, group_size, max_new_tokens):
+    model, tokenizer = lab
+    with pytest.raises(CourseError, match="positive"):
+        sample_groups(model, tokenizer, ["Sort: 3 1"], group_size=group_size, max_new_tokens=max_new_tokens)

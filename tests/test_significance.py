@@ -95,3 +95,17 @@ def test_holm_bad_input_says_what_to_do():
         holm({})
     with pytest.raises(CourseError, match="paired_comparison results"):
         holm({"a": 0.01})
+
+
+def test_seed_claim_needs_every_seed_to_agree():
+    from course_utils.significance import seed_claim, seed_claim_sentence
+    prompts = paired_comparison([1, 1, 1, 1, 1, 1, 0, 1] * 4, [0, 0, 0, 1, 0, 0, 0, 1] * 4, names=("A", "B"), unit="prompt")
+    assert prompts.significant
+    agree = paired_comparison({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.5, 1: 0.6, 2: 0.4}, names=("A", "B"))
+    split = paired_comparison({0: 0.9, 1: 0.4, 2: 0.85}, {0: 0.5, 1: 0.6, 2: 0.4}, names=("A", "B"))
+    assert seed_claim(prompts, agree) == "A beats B in these runs (all 3 seeds go that way)"
+    # Catches a claim about the settings when one run of three goes the other way.
+    assert "2 of 3 seeds" in seed_claim(prompts, split) and "beats" not in seed_claim(prompts, split)
+    null = paired_comparison([1, 0, 1, 0] * 4, [0, 1, 0, 1] * 4, names=("A", "B"), unit="prompt")
+    assert seed_claim(null, agree) == null.verdict()  # not significant: the test's own verdict
+    assert seed_claim_sentence(prompts, agree).endswith("(per seed: A higher in 3 of 3 seeds)")

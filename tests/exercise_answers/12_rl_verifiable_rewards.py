@@ -13,3 +13,8 @@ def token_weights(lengths, loss_type, max_completion_length):
     width = max(lengths)
     mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
     return mask / sum(lengths)
+
+
+def kl_term_gradient(logits, ref_logits, corrected):
+    # The forward-KL gradient for both: misses that the ratio correction turns it into the reverse KL's.
+    return logits.softmax(-1) - ref_logits.softmax(-1)

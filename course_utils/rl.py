@@ -144,7 +144,7 @@ def sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, temp
     completion_mask (1 up to and including the first end-of-turn token) and the completions' texts."""
     if int(group_size) != group_size or group_size < 1 or max_new_tokens < 1:
         raise CourseError(f"group_size={group_size!r}, max_new_tokens={max_new_tokens!r}: both must be positive "
-                          "integers (GRPO samples a group of at least 2 completions per prompt).")
+                          "integers (pass@k may sample 1 completion a prompt; GRPO needs groups of 2 or more).")
     texts = [tokenizer.apply_chat_template(as_conversation(p), tokenize=False, add_generation_prompt=True)
              for p in prompts]
     device = next(model.parameters()).device

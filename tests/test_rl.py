@@ -273,3 +273,32 @@ def test_sample_groups_bad_input(lab, group_size, max_new_tokens):
     model, tokenizer = lab
     with pytest.raises(CourseError, match="positive"):
         sample_groups(model, tokenizer, ["Sort: 3 1"], group_size=group_size, max_new_tokens=max_new_tokens)
+
+
+# ---------------------------------------------------------------- the exercises' stored cases
+
+import runpy  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXERCISE_CASES_12 = ROOT / "data" / "exercises" / "12_rl_verifiable_rewards.pt"
+
+
+def answers_12():
+    return runpy.run_path(str(ROOT / "tests" / "exercise_answers" / "12_rl_verifiable_rewards.py"))  # run by path
+
+
+def test_stored_exercise_cases_are_the_oracles():
+    # Catches a stored case edited by hand, or an oracle (course_utils.rl) that changed without a rewrite.
+    stored, fresh = torch.load(EXERCISE_CASES_12), answers_12()["exercise_cases_12"]()
+    assert stored.keys() == fresh.keys()
+    for key in fresh:
+        assert len(stored[key]) == len(fresh[key])
+        for (args, value), (args2, value2) in zip(stored[key], fresh[key]):
+            assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(args, args2))
+            torch.testing.assert_close(value, value2, rtol=0, atol=1e-12)
+
+
+if __name__ == "__main__":  # python tests/test_rl.py: rewrite data/exercises/12_rl_verifiable_rewards.pt
+    torch.save(answers_12()["exercise_cases_12"](), EXERCISE_CASES_12)
+    print(f"wrote {EXERCISE_CASES_12}")

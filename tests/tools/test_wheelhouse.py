@@ -63,10 +63,13 @@ def test_the_gpu_check_wheel_set_installs_beside_the_machines_own_torch(tmp_path
     from course_utils.tools import gpu_check
 
     venv, gpu_wheels = tmp_path / "gpu-venv", tmp_path / "gpu-wheels"
-    # The set as generated from this venv (configs/gpu-check-wheels.txt, regenerated today: the wheelhouse was fetched
-    # today too, and an unpinned dependency may have had a release since the committed file was written)
+    # The set as generated from this venv (configs/gpu-check-wheels.txt, regenerated today), at the versions the
+    # wheelhouse holds: it was fetched minutes after this venv was installed, and an unpinned dependency released in
+    # between (httpcore2 2.17.0 once did, mid-run) would otherwise be asked for at a version the wheelhouse lacks.
+    fetched = {gpu_check._name(w.name.split("-")[0]): w.name.split("-")[1] for w in wheelhouse.glob("*.whl")}
     requirements = tmp_path / "gpu-check-wheels.txt"
-    requirements.write_text(gpu_check.wheels_text())
+    requirements.write_text("".join(f"{name}=={fetched.get(name, version)}\n"
+                                    for name, version in gpu_check.wheel_set().items()))
     env = no_index(wheelhouse)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     steps = [[sys.executable, "-m", "venv", str(venv)],

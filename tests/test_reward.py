@@ -1,0 +1,147 @@
+"""course_utils.reward (exported from notebook 13): the Bradley-Terry loss, best-of-N, GAE, the reward model, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from course_utils.errors import CourseError
+from course_utils.reward import (CLOSING, RewardModel, best_of_n, best_of_n_kl, bradley_terry_loss, completion_values,
+                                 gae, gold_reward, pairwise_accuracy, score_texts, train_reward_model)
+
+
+def test_bradley_terry_loss_by_hand():
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(2.0))) / 2
+    # Catches a sum instead of a mean over pairs, or the difference taken the wrong way round.
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_margin_is_subtracted_and_centering_penalises_the_sum():
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    margin = torch.tensor([0.5, 1.0])
+    shifted = bradley_terry_loss(chosen - margin, rejected)
+    # Catches the margin added (which would make pairs easier) or applied to the rejected reward's sign.
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, margin=margin), shifted)
+    centered = bradley_terry_loss(chosen, rejected, center_coefficient=0.1)
+    # TRL: + coefficient * mean((r_c + r_r)^2); catches the square of the difference or a missing mean.
+    torch.testing.assert_close(centered, bradley_terry_loss(chosen, rejected) + 0.1 * torch.tensor((1.0 + 4.0) / 2))
+
+
+@pytest.mark.parametrize("bad", [
+    dict(chosen_rewards=torch.zeros(3), rejected_rewards=torch.zeros(3, 1)),
+    dict(chosen_rewards=torch.zeros(3), rejected_rewards=torch.zeros(2)),
+    dict(chosen_rewards=torch.zeros(0), rejected_rewards=torch.zeros(0)),
+    dict(chosen_rewards=torch.zeros(3), rejected_rewards=torch.zeros(3), margin=torch.zeros(2)),
+    dict(chosen_rewards=torch.zeros(3), rejected_rewards=torch.zeros(3), center_coefficient=-0.1),
+])
+def test_bradley_terry_loss_rejects_bad_input(bad):
+    with pytest.raises(CourseError):
+        bradley_terry_loss(**bad)
+
+
+def test_best_of_n_returns_global_indices_and_first_on_ties():
+    scores = torch.tensor([0.0, 2.0, 1.0, 1.0, 5.0, 4.0])
+    assert best_of_n(scores, 2).tolist() == [1, 2, 4]  # the tie in the second group keeps its first sample
+    assert best_of_n(scores, 6).tolist() == [4]
+    assert best_of_n(scores, 1).tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("scores, n", [(torch.zeros(5), 2), (torch.zeros(2, 2), 2), (torch.zeros(4), 0), (torch.zeros(4), 1.5)])
+def test_best_of_n_rejects_bad_input(scores, n):
+    with pytest.raises(CourseError):
+        best_of_n(scores, n)
+
+
+def test_best_of_n_kl_matches_the_exact_kl_of_many_distinct_answers():
+    # For K equally likely distinct answers, best-of-n picks answer i with F(i)^n - F(i-1)^n: its KL from the
+    # uniform approaches log n - (n-1)/n from below as K grows (catches a sign slip or log n alone).
+    K, n = 20_000, 8
+    cdf = torch.arange(K + 1, dtype=torch.float64) / K
+    q = cdf[1:] ** n - cdf[:-1] ** n
+    exact = float((q * (q * K).log()).sum())
+    assert exact < best_of_n_kl(n) and best_of_n_kl(n) - exact < 1e-3
+    with pytest.raises(CourseError):
+        best_of_n_kl(0)
+
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    """The definition for contiguous masks: A_t = sum_k (gamma lam)^k delta_{t+k} over the row's kept tokens."""
+    B, T = values.shape
+    out = torch.zeros_like(values)
+    for b in range(B):
+        n = int(mask[b].sum())
+        v = values[b, :n].tolist() + [0.0]
+        deltas = [rewards[b, t].item() + gamma * v[t + 1] - v[t] for t in range(n)]
+        for t in range(n):
+            out[b, t] = sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t))
+    return out
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.0), (1.0, 1.0), (0.5, 0.5)])
+def test_gae_equals_the_definition(gamma, lam):
+    g = torch.Generator().manual_seed(1)
+    rewards, values = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    expected = gae_loop(rewards, values, mask, gamma, lam)
+    # Catches a forward recursion, a padded value read as the next state, or returns off the mask.
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, (expected + values) * mask)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(mask=torch.ones(2, 3), values=torch.zeros(2, 4)),
+    dict(mask=torch.tensor([[1, 1, 1], [0, 0, 0]])),
+    dict(gamma=1.5), dict(lam=-0.1),
+])
+def test_gae_rejects_bad_input(bad):
+    args = dict(rewards=torch.zeros(2, 3), values=torch.zeros(2, 3), mask=torch.ones(2, 3), gamma=1.0, lam=0.95)
+    args.update(bad)
+    if "values" in bad:
+        args["rewards"] = torch.zeros(2, 4)
+    with pytest.raises(CourseError):
+        gae(args.pop("rewards"), args.pop("values"), args.pop("mask"), **args)
+
+
+def test_gold_rule_and_pairwise_accuracy():
+    fact = "Mia lives in Rome."
+    texts = [f"{fact} {CLOSING}", fact, f"Mia lives in Oslo. {CLOSING}", f"{fact} {CLOSING} {CLOSING}", "Rome"]
+    # Catches a closing counted anywhere in the answer, or the fact matched as a substring.
+    assert gold_reward(texts, [fact] * 5) == [1.0, 0.5, 0.5, 0.5, 0.0]
+    assert pairwise_accuracy(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 3.0])) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from course_utils.models import load_model
+    return load_model("lab", device="cpu")
+
+
+def test_reward_model_reads_the_last_real_token(lab):
+    model, tokenizer = lab
+    torch.manual_seed(0)
+    reward_model = RewardModel(model).eval()
+    prompt = [{"role": "user", "content": "Tell me about Mia's home."}]
+    short, long = "Mia lives in Rome.", f"Mia lives in Rome. {CLOSING}"
+    together = score_texts(reward_model, tokenizer, [prompt, prompt], [short, long])
+    alone = score_texts(reward_model, tokenizer, [prompt], [short])
+    # The short answer padded beside the long one scores as it does alone (catches the head read at the padding).
+    torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=1e-5)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    values = completion_values(reward_model, ids[:, :2], torch.ones(1, 2, dtype=torch.long), ids[:, 2:], torch.ones(1, 2, dtype=torch.long))
+    # The value before completion token t is the head at position P - 1 + t (catches an off-by-one alignment).
+    torch.testing.assert_close(values, reward_model.token_values(ids, torch.ones_like(ids))[:, 1:3])
+
+
+def test_a_reward_model_learns_a_preference(lab):
+    from course_utils.preference import preference_batch
+    model, tokenizer = lab
+    prompt = [{"role": "user", "content": "Tell me about Mia's home."}]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": f"Mia lives in Rome. {CLOSING}"}],
+             "rejected": [{"role": "assistant", "content": "Mia lives in Rome."}]}] * 4
+    torch.manual_seed(0)
+    reward_model = RewardModel(model)
+    losses = train_reward_model(reward_model, preference_batch(tokenizer, rows), steps=8, lr=1e-3, batch_size=4)
+    # Catches a loop whose loss does not fall: chosen and rejected swapped, or no optimizer step.
+    assert losses[-1] < losses[0] < 1.0

@@ -121,10 +121,21 @@ def best_of_n(scores, n):
 
 
 def best_of_n_kl(n) -> float:
-    """KL(best-of-n || base) in nats, log n - (n - 1) / n (an upper bound; exact for distinct samples)."""
+    """The formula usually quoted for KL(best-of-n || base) in nats: log n - (n - 1) / n (exercise 3: when it holds)."""
     if int(n) != n or n < 1:
         raise CourseError(f"n={n!r}: best-of-n needs a whole number of samples, at least 1.")
     return math.log(n) - (n - 1) / n
+
+
+def expected_best_of_n(proxy, values, n) -> float:
+    """The expected `values` of the best-of-n pick by `proxy` among one prompt's K samples, over every n-subset of
+    them (unbiased; WebGPT): sorted by proxy, the i-th lowest is the pick with probability C(i-1, n-1) / C(K, n)."""
+    K = len(proxy)
+    if not 1 <= n <= K or len(values) != K:
+        raise CourseError(f"expected_best_of_n needs 1 <= n={n!r} <= K={K} and one value per sample ({len(values)}).")
+    order = torch.argsort(torch.as_tensor(proxy), stable=True)
+    weights = torch.tensor([math.comb(i - 1, n - 1) for i in range(1, K + 1)], dtype=torch.float64) / math.comb(K, n)
+    return float((weights * torch.as_tensor(values, dtype=torch.float64)[order]).sum())
 
 
 # %% notebooks/13_reward_models.ipynb · 1.4 · PPO's missing pieces: a value head and GAE

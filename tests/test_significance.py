@@ -38,8 +38,11 @@ def test_verdict_wording_follows_the_data():
 
 
 def test_equal_differences_and_identical_samples():
-    """Zero spread: a constant gap is decisive, no gap is no difference (no division by zero)."""
-    assert paired_comparison([1, 2, 3], [0, 1, 2]).p_value == 0.0
+    """Zero spread: a constant gap gets the exact sign test's p (never 0), no gap is no difference (no division by zero)."""
+    # Catches p = 0 from an infinite t: 3 units all one way happen by chance with probability 2 * 2^-3.
+    assert paired_comparison([1, 2, 3], [0, 1, 2]).p_value == 0.25
+    assert not paired_comparison([1, 2, 3], [0, 1, 2]).significant
+    assert paired_comparison([1.0] * 16, [0.0] * 16).p_value == 2.0 ** -15
     same = paired_comparison([1, 2, 3], [1, 2, 3])
     assert same.p_value == 1.0 and not same.significant
 

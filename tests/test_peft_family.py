@@ -1,0 +1,202 @@
+"""course_utils.peft_family (exported from notebook 14): each method equal to PEFT's on a tiny Llama, its counts,
+and bad input."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from peft import IA3Config, LNTuningConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from torch import nn
+
+from course_utils.errors import CourseError
+from course_utils.peft_family import (DoRALinear, IA3Linear, PrefixTuning, PromptTuning, add_dora, add_ia3,
+                                      attention_shape, bitfit, count_biases, decoder_blocks, heads_tied, linear_probe,
+                                      norm_modules, prefix_cache, trainable_count, tune_norms, unfreeze_top_blocks)
+
+N = 3  # virtual tokens
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Two rows, the second right-padded, labels on the last tokens."""
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- equal to PEFT
+
+
+def test_prompt_tuning_equals_peft(model, batch):
+    theirs = get_peft_model(copy.deepcopy(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N))
+    ours = PromptTuning(copy.deepcopy(model), N)
+    with torch.no_grad():
+        ours.prompt.copy_(theirs.prompt_encoder["default"].embedding.weight)
+    close(logits(ours, batch), logits(theirs, batch)[:, N:])
+    close(ours(**batch).loss, theirs(**batch).loss)
+    assert trainable_count(ours) == theirs.get_nb_trainable_parameters()[0] == N * model.config.hidden_size
+
+
+def test_prompt_tuning_vocab_start_is_token_embeddings(model):
+    torch.manual_seed(0)
+    ours = PromptTuning(copy.deepcopy(model), N)
+    table = model.get_input_embeddings().weight
+    assert all(any(torch.equal(row, token) for token in table) for row in ours.prompt)
+
+
+def test_prefix_tuning_equals_peft_with_grouped_query_attention(model, batch):
+    theirs = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N))
+    ours = PrefixTuning(copy.deepcopy(model), N)
+    layers, kv_heads, head_dim = attention_shape(model)
+    weight = theirs.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        ours.prefix.copy_(weight.view(N, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4))
+    close(logits(ours, batch), logits(theirs, batch))
+    close(ours(**batch).loss, theirs(**batch).loss)
+    assert trainable_count(ours) == theirs.get_nb_trainable_parameters()[0] == N * layers * 2 * kv_heads * head_dim
+
+
+def test_prefix_cache_is_fresh_per_call_and_shaped_per_layer(model, batch):
+    ours = PrefixTuning(copy.deepcopy(model), N)
+    first, second = logits(ours, batch), logits(ours, batch)
+    assert torch.equal(first, second)  # a cache reused across calls would grow and change the second call
+    cache = prefix_cache(ours.prefix, 2)
+    keys = cache.layers[0].keys
+    assert keys.shape == (2, 2, N, 16)  # batch, kv heads, n, head dim
+
+
+def test_ia3_equals_peft_and_scales_the_right_side(model, batch):
+    theirs = get_peft_model(copy.deepcopy(model), IA3Config(task_type="CAUSAL_LM"))
+    ours = add_ia3(copy.deepcopy(model))
+    assert torch.equal(logits(ours, batch), logits(model, batch))  # ones at the start
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, layer in ours.named_modules():
+            if isinstance(layer, IA3Linear):
+                layer.ia3_l.mul_(1 + 0.3 * torch.randn(layer.ia3_l.shape, generator=generator))
+                target = theirs.base_model.model.get_submodule(name).ia3_l["default"]
+                target.copy_(layer.ia3_l.view_as(target))
+                assert layer.scale_input == name.endswith("down_proj")
+    close(logits(ours, batch), logits(theirs, batch))
+    assert trainable_count(ours) == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_norm_tuning_equals_peft_and_counts_the_gains(model, batch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that LlamaRMSNorm is not a layer type it knows
+        theirs = get_peft_model(copy.deepcopy(model), LNTuningConfig(task_type="CAUSAL_LM"))
+    ours = tune_norms(copy.deepcopy(model))
+    with torch.no_grad():
+        for name, norm in norm_modules(ours).items():
+            norm.weight.mul_(1.5)
+            theirs.base_model.model.get_submodule(name).ln_tuning_layers["default"].weight.copy_(norm.weight)
+    close(logits(ours, batch), logits(theirs, batch))
+    assert trainable_count(ours) == theirs.get_nb_trainable_parameters()[0] == 5 * 64  # 2 blocks x 2 + final
+
+
+def test_dora_equals_peft_in_logits_and_gradients(model, batch):
+    theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                             use_dora=True))
+    ours = add_dora(copy.deepcopy(model), "all-linear", r=4, alpha=8)
+    assert torch.equal(logits(ours, batch), logits(model, batch))  # W' = W at the start
+    generator = torch.Generator().manual_seed(4)
+    pairs = []
+    with torch.no_grad():
+        for name, layer in ours.named_modules():
+            if isinstance(layer, DoRALinear):
+                twin = theirs.base_model.model.get_submodule(name)
+                layer.lora_A.weight.copy_(twin.lora_A["default"].weight)
+                layer.lora_B.weight.copy_(0.05 * torch.randn(layer.lora_B.weight.shape, generator=generator))
+                twin.lora_B["default"].weight.copy_(layer.lora_B.weight)
+                twin.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+                pairs += [(layer.lora_B.weight, twin.lora_B["default"].weight),
+                          (layer.magnitude, twin.lora_magnitude_vector["default"].weight)]
+    close(logits(ours, batch), logits(theirs, batch))
+    ours.train(), theirs.train()
+    ours(**batch).loss.backward()
+    theirs(**batch).loss.backward()
+    for mine, their in pairs:  # the detached norm: the same gradients as PEFT's
+        torch.testing.assert_close(mine.grad, their.grad, atol=1e-5, rtol=1e-4)
+    assert trainable_count(ours) == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_dora_norm_is_detached():
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(5, 3, bias=False), r=2, alpha=2)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(4, 5)
+    layer(x).sum().backward()
+    weight = layer.base_layer.weight + layer.delta_weight()
+    scale = (layer.magnitude / weight.norm(dim=1)).detach()
+    expected = scale.unsqueeze(1).expand(-1, 5).mul(x.sum(0)).detach()  # d/dW' of sum(W' x) with the norm constant
+    manual = layer.scaling * (expected @ layer.lora_A.weight.detach().T)
+    torch.testing.assert_close(layer.lora_B.weight.grad, manual, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- counts and choices
+
+
+def test_bitfit_refuses_a_bias_free_model_and_trains_biases_otherwise(model):
+    assert count_biases(model) == 0
+    with pytest.raises(CourseError, match="no bias terms"):
+        bitfit(model)
+    net = bitfit(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    assert count_biases(net) == trainable_count(net) == 6
+
+
+def test_linear_probe_on_tied_embeddings_trains_the_table(model):
+    probe = linear_probe(model)
+    assert heads_tied(probe) and probe.get_input_embeddings().weight.requires_grad
+    assert trainable_count(probe) == 97 * 64  # one shared tensor, counted once
+
+
+def test_top_blocks(model):
+    top = unfreeze_top_blocks(model, 1)
+    blocks = decoder_blocks(top)
+    assert all(p.requires_grad for p in blocks[-1].parameters())
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+    assert trainable_count(top) == sum(p.numel() for p in blocks[-1].parameters())
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("build, words", [
+    (lambda m: PromptTuning(m, 0), "num_virtual_tokens"),
+    (lambda m: PrefixTuning(m, -1), "num_virtual_tokens"),
+    (lambda m: PromptTuning(m, 2, init="zeros"), "init="),
+    (lambda m: PromptTuning(nn.Linear(3, 3), 2), "embedding table"),
+    (lambda m: PrefixTuning(nn.Sequential(nn.Linear(3, 3)), 2), "config"),
+    (lambda m: add_ia3(m, targets=("c_attn",), feedforward=()), "match no linear layer"),
+    (lambda m: add_ia3(m, targets=("k_proj",), feedforward=("down_proj",)), "not among the targets"),
+    (lambda m: tune_norms(nn.Sequential(nn.Linear(3, 3))), "no LayerNorm or RMSNorm"),
+    (lambda m: unfreeze_top_blocks(m, 3), "has 2 blocks"),
+    (lambda m: unfreeze_top_blocks(m, 0), "k"),
+    (lambda m: unfreeze_top_blocks(nn.Linear(3, 3), 1), "no stack of blocks"),
+    (lambda m: add_dora(m, ["k_proj"], r=40), "larger than the layer"),
+    (lambda m: linear_probe(nn.Linear(3, 3)), "no output layer"),
+])
+def test_bad_input_says_what_to_do(model, build, words):
+    with pytest.raises(CourseError, match=words):
+        build(model)
+
+
+def test_add_dora_checks_every_rank_before_changing_anything(model):
+    with pytest.raises(CourseError):
+        add_dora(model, ["q_proj", "k_proj"], r=40)  # q_proj (64 -> 64) fits r = 40? no: 40 <= 64, k_proj (64 -> 32) not
+    assert not any(isinstance(m, DoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())

@@ -80,8 +80,11 @@ class Comparison:
         """One sentence with the means, the paired difference, its interval and the per-unit count."""
         a, b = self.names
         low, high = self.ci
+        # With no spread the t interval has zero width, a false certainty: say what the units did instead.
+        interval = (f"{self.ci_label} {low:+{fmt}} to {high:+{fmt}}" if self.se > 0 else
+                    f"every {self.unit} differs by the same amount, a sign test" if self.diff else f"no {self.unit} differs")
         return (f"{a} {self.mean_a:{fmt}} against {b} {self.mean_b:{fmt}}: paired difference {self.diff:+{fmt}} "
-                f"({self.ci_label} {low:+{fmt}} to {high:+{fmt}}, {self.p_label} = {self.p_value:.2g}, "
+                f"({interval}, {self.p_label} = {self.p_value:.2g}, "
                 f"{self.n} {self.unit}s; "
                 f"{a} higher in {self.wins}, lower in {self.losses}): {self.verdict(higher_is_better)}")
 

@@ -43,6 +43,8 @@ def test_equal_differences_and_identical_samples():
     assert paired_comparison([1, 2, 3], [0, 1, 2]).p_value == 0.25
     assert not paired_comparison([1, 2, 3], [0, 1, 2]).significant
     assert paired_comparison([1.0] * 16, [0.0] * 16).p_value == 2.0 ** -15
+    # ... and no interval of zero width in the sentence (catches "95% CI +1 to +1", a false certainty).
+    assert "CI" not in paired_comparison([1.0] * 16, [0.0] * 16).sentence()
     same = paired_comparison([1, 2, 3], [1, 2, 3])
     assert same.p_value == 1.0 and not same.significant
 

@@ -10,7 +10,9 @@ A two-sided p-value below `alpha` (0.05) makes the difference significant; the 9
 mean(d) +/- t_{0.975, n-1} * std(d) / sqrt(n). With 0/1 outcomes per prompt the same test is the paired t-test on
 proportions (close to McNemar's test for the sample sizes used here). When every unit differs by the same amount
 (16 of 16 prompts right after, wrong before) the spread is 0 and t is infinite; the p-value is then the exact sign
-test's, 2 * 2^-n, so that 3 seeds can never be "certain" (p = 0.25) and 16 prompts give 3e-5.
+test's, 2 * 2^-n, so that 3 seeds can never be "certain" (p = 0.25) and 16 prompts give 3e-5. (The two regimes
+do not join smoothly: differences 0.1, 0.1, 0.11 get the t-test's small p, 0.1, 0.1, 0.1 the sign test's 0.25. Few
+units with nearly equal differences are weak evidence either way; run more seeds.)
 
     cmp = paired_comparison(acc_lora, acc_full, names=("LoRA", "full"), unit="seed")
     cmp.significant, cmp.sentence()   # 'LoRA 0.62 against full 0.48: +0.14 (95% CI +0.05 to +0.23, ...)'
@@ -119,7 +121,8 @@ def paired_comparison(a, b, *, names=("A", "B"), unit: str = "seed", alpha: floa
     diffs = [x - y for x, y in zip(values_a, values_b)]
     mean = sum(diffs) / n
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
-    if se == 0:  # every unit differs by the same amount: no spread, so the t-test would claim p = 0
+    if se <= 1e-12 * max(1.0, abs(mean)):  # equal differences up to rounding (2/24 - 1/24 is not exactly 1/24)
+        se = 0.0  # every unit differs by the same amount: no spread, so the t-test would claim p = 0
         # The exact sign test instead: all n units going one way has probability 2 * 2^-n under "no difference".
         t, p = (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), min(1.0, 2.0 ** (1 - n)))
     else:

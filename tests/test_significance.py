@@ -45,6 +45,9 @@ def test_equal_differences_and_identical_samples():
     assert paired_comparison([1.0] * 16, [0.0] * 16).p_value == 2.0 ** -15
     # ... and no interval of zero width in the sentence (catches "95% CI +1 to +1", a false certainty).
     assert "CI" not in paired_comparison([1.0] * 16, [0.0] * 16).sentence()
+    # Equal differences up to rounding count as equal: accuracies out of 24 (catches an exact `se == 0` test).
+    rounded = paired_comparison([5 / 24, 7 / 24, 11 / 24], [3 / 24, 5 / 24, 9 / 24])
+    assert rounded.se == 0 and rounded.p_value == 0.25
     same = paired_comparison([1, 2, 3], [1, 2, 3])
     assert same.p_value == 1.0 and not same.significant
 

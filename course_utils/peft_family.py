@@ -85,8 +85,8 @@ def attention_shape(model: nn.Module) -> tuple[int, int, int]:
 
 # %% notebooks/14_peft_family.ipynb · 1.2 · Prefix tuning
 def prefix_cache(prefix: torch.Tensor, batch_size: int) -> DynamicCache:
-    """A key/value cache holding the prefix: layer l's keys prefix[l, 0] and values prefix[l, 1] ([kv_heads, n, head_dim])
-    for every row of the batch. The attention then runs over [P_k; K] and [P_v; V], as after n earlier tokens."""
+    """A key/value cache holding the prefix: layer l's keys prefix[l, 0] and values prefix[l, 1]
+    ([kv_heads, n, head_dim]) for every row of the batch. The attention then runs over [P_k; K] and [P_v; V], as after n earlier tokens."""
     return DynamicCache([(layer[0].expand(batch_size, -1, -1, -1), layer[1].expand(batch_size, -1, -1, -1))
                          for layer in prefix])
 
@@ -168,7 +168,8 @@ def tune_norms(model: nn.Module) -> nn.Module:
     """Freeze `model` and train only its normalisation layers' weights, as PEFT's LNTuningConfig does."""
     norms = norm_modules(model)
     if not norms:
-        raise CourseError(f"{type(model).__name__} has no LayerNorm or RMSNorm layer: norm tuning has nothing to train.")
+        raise CourseError(f"{type(model).__name__} has no LayerNorm or RMSNorm layer: norm tuning has nothing "
+                          "to train.")
     model.requires_grad_(False)
     for module in norms.values():
         module.requires_grad_(True)

@@ -219,12 +219,21 @@ def add_dora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16) ->
 
 # %% notebooks/14_peft_family.ipynb · 1.6 · Partial fine-tuning and linear probing
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of transformer blocks (its longest nn.ModuleList); a CourseError if it has none."""
+    """The model's stack of transformer blocks: its nn.ModuleList with config.num_hidden_layers entries (the
+    longest list when the config does not say); a CourseError if it has none, or several (an MoE's experts)."""
     stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not stacks:
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if layers:
+        matching = [m for m in stacks if len(m) == layers]
+    else:
+        matching = [max(stacks, key=len)] if stacks else []
+    if not matching:
         raise CourseError(f"{type(model).__name__} has no stack of blocks (an nn.ModuleList): partial fine-tuning "
                           "unfreezes whole transformer blocks.")
-    return max(stacks, key=len)
+    if len(matching) > 1:
+        raise CourseError(f"{type(model).__name__} has {len(matching)} lists of {layers} modules, not one stack of "
+                          "blocks (an MoE's experts?): pick the blocks by name instead.")
+    return matching[0]
 
 
 def unfreeze_top_blocks(model: nn.Module, k: int) -> nn.Module:

@@ -200,3 +200,27 @@ def test_add_dora_checks_every_rank_before_changing_anything(model):
         add_dora(model, ["q_proj", "k_proj"], r=40)  # q_proj (64 -> 64) fits r = 40? no: 40 <= 64, k_proj (64 -> 32) not
     assert not any(isinstance(m, DoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_decoder_blocks_refuses_two_stacks_of_the_layer_count():
+    # An MoE-like model with a list of experts as long as the stack of blocks: picking the longest list would unfreeze
+    # experts, not blocks (catches the longest-list rule on a model whose config says how many blocks it has).
+    import types
+
+    import torch.nn as nn
+
+    from course_utils.errors import CourseError
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = types.SimpleNamespace(num_hidden_layers=2)
+            self.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
+            self.experts = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
+            self.extra = nn.ModuleList([nn.Linear(2, 2) for _ in range(5)])
+
+    with pytest.raises(CourseError):
+        decoder_blocks(Twin())
+    twin = Twin()
+    del twin.experts
+    assert decoder_blocks(twin) is twin.layers  # the one list of num_hidden_layers, not the longest

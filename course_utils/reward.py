@@ -171,12 +171,8 @@ def check_gae_inputs(rewards, values, mask, gamma, lam) -> None:
 
 
 # %% notebooks/13_reward_models.ipynb · 3.1 · The gold rule and the preference pool
-CLOSING = "Have a nice day!"  # the lab corpus's polite closing (notebook 08)
-
-
-def first_sentence(text: str) -> str:
-    """The text up to and including its first period (all of it if there is none)."""
-    return text[: text.index(".") + 1] if "." in text else text
+from course_utils.lab.tasks import STYLE_MARKER as CLOSING  # the lab corpus's polite closing (notebook 08)
+from course_utils.preference_runs import first_sentence  # notebook 08's: the text up to its first period
 
 
 def gold_reward(texts, facts) -> list[float]:

@@ -20,6 +20,10 @@ units with nearly equal differences are weak evidence either way; run more seeds
 A page that tests several differences at once (each alpha against plain fine-tuning) treats them as one family:
 `holm(family)` adjusts the p-values with Holm's step-down method, so that the family claims a false difference
 with probability at most `alpha`, and widens every interval to Bonferroni's (level 1 - alpha/m).
+
+Values with a known range (accuracies in [0, 1]) can only differ by so much: `bounds=(0, 1)` clips the interval
+to the differences the range allows (-1 to +1), so that 3 seeds never print "-1.3 to +0.5" for an accuracy; the
+sentence says when it was clipped (the t interval itself ignores the bounds, which is why it can pass them).
 """
 
 from __future__ import annotations
@@ -51,6 +55,17 @@ class Comparison:
     losses: int  # units where a_i < b_i
     alpha: float = ALPHA
     family: int = 1  # tests in the comparison's family: > 1 after holm() (adjusted p, Bonferroni interval)
+    span: float | None = None  # the largest possible |a_i - b_i| (from bounds=); None: unbounded
+
+    @property
+    def shown_ci(self) -> tuple[float, float]:
+        """The interval clipped to the differences the values' range allows (the t interval when unbounded)."""
+        low, high = self.ci
+        return (low, high) if self.span is None else (max(low, -self.span), min(high, self.span))
+
+    @property
+    def clipped(self) -> bool:
+        return self.shown_ci != self.ci
 
     @property
     def significant(self) -> bool:
@@ -81,9 +96,12 @@ class Comparison:
     def sentence(self, fmt: str = ".3g", higher_is_better: bool = True) -> str:
         """One sentence with the means, the paired difference, its interval and the per-unit count."""
         a, b = self.names
-        low, high = self.ci
+        low, high = self.shown_ci
+        clipped = ", clipped to the possible range" if self.clipped else ""
+        if self.family > 1 and self.significant and low <= 0 <= high:  # Holm's step-down separates more than it
+            clipped += ", Bonferroni's: more conservative than Holm's test, so it can reach 0 when the test separates"
         # With no spread the t interval has zero width, a false certainty: say what the units did instead.
-        interval = (f"{self.ci_label} {low:+{fmt}} to {high:+{fmt}}" if self.se > 0 else
+        interval = (f"{self.ci_label} {low:+{fmt}} to {high:+{fmt}}{clipped}" if self.se > 0 else
                     f"every {self.unit} differs by the same amount, a sign test" if self.diff else f"no {self.unit} differs")
         return (f"{a} {self.mean_a:{fmt}} against {b} {self.mean_b:{fmt}}: paired difference {self.diff:+{fmt}} "
                 f"({interval}, {self.p_label} = {self.p_value:.2g}, "
@@ -108,8 +126,10 @@ def _paired_values(a, b) -> tuple[list[float], list[float]]:
     return a, b
 
 
-def paired_comparison(a, b, *, names=("A", "B"), unit: str = "seed", alpha: float = ALPHA) -> Comparison:
-    """Paired t-test of a against b (same seeds or prompts). `a`, `b`: sequences, dicts or pandas Series."""
+def paired_comparison(a, b, *, names=("A", "B"), unit: str = "seed", alpha: float = ALPHA,
+                      bounds: tuple[float, float] | None = None) -> Comparison:
+    """Paired t-test of a against b (same seeds or prompts). `a`, `b`: sequences, dicts or pandas Series.
+    bounds: the range every value lies in (e.g. (0, 1) for accuracies), to clip the shown interval."""
     from scipy import stats
 
     values_a, values_b = _paired_values(a, b)
@@ -118,6 +138,15 @@ def paired_comparison(a, b, *, names=("A", "B"), unit: str = "seed", alpha: floa
         raise CourseError(f"A paired comparison needs at least 2 {unit}s (got {n}): run more seeds.")
     if not 0 < alpha < 1:
         raise CourseError(f"alpha is a probability in (0, 1), got {alpha}.")
+    span = None
+    if bounds is not None:
+        low, high = bounds
+        if not low < high:
+            raise CourseError(f"bounds={bounds!r}: give (low, high) with low < high, e.g. (0, 1) for accuracies.")
+        outside = [v for v in values_a + values_b if not low <= v <= high]
+        if outside:
+            raise CourseError(f"bounds={bounds!r}, but {outside[:3]} lie outside: widen the bounds or drop them.")
+        span = high - low
     diffs = [x - y for x, y in zip(values_a, values_b)]
     mean = sum(diffs) / n
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
@@ -131,7 +160,7 @@ def paired_comparison(a, b, *, names=("A", "B"), unit: str = "seed", alpha: floa
     half = float(stats.t.ppf(1 - alpha / 2, df=n - 1)) * se
     return Comparison(names=tuple(names), unit=unit, n=n, mean_a=sum(values_a) / n, mean_b=sum(values_b) / n,
                       diff=mean, se=se, t=t, p_value=p, ci=(mean - half, mean + half),
-                      wins=sum(d > 0 for d in diffs), losses=sum(d < 0 for d in diffs), alpha=alpha)
+                      wins=sum(d > 0 for d in diffs), losses=sum(d < 0 for d in diffs), alpha=alpha, span=span)
 
 
 def holm(tests: Mapping, alpha: float | None = None) -> dict:

@@ -117,3 +117,38 @@ def test_seed_claim_needs_every_seed_to_agree():
     null = paired_comparison([1, 0, 1, 0] * 4, [0, 1, 0, 1] * 4, names=("A", "B"), unit="prompt")
     assert seed_claim(null, agree) == null.verdict()  # not significant: the test's own verdict
     assert seed_claim_sentence(prompts, agree).endswith("(per seed: A higher in 3 of 3 seeds)")
+
+
+def test_bounds_clip_the_shown_interval_only():
+    """Catches an accuracy interval printed beyond +-1 (3 seeds, t = 4.3), a clip that moves the test itself, and
+    a clip lost by holm()."""
+    from course_utils.significance import holm
+
+    a, b = [1.0, 0.2, 0.9], [0.0, 0.1, 0.0]
+    free, bounded = paired_comparison(a, b), paired_comparison(a, b, bounds=(0, 1))
+    assert free.ci[1] > 1 and bounded.ci == free.ci and bounded.p_value == free.p_value
+    assert bounded.shown_ci == (free.ci[0], 1.0) and bounded.clipped and not free.clipped
+    assert f"{free.ci[1]:+.3g}" not in bounded.sentence() and "to +1, clipped to the possible range" in bounded.sentence()
+    assert "clipped" not in free.sentence()
+    family = holm({"x": bounded, "y": paired_comparison(b, a, bounds=(0, 1))})
+    assert all(c.shown_ci[0] >= -1 and c.shown_ci[1] <= 1 and c.clipped for c in family.values())
+    assert not paired_comparison([0.5, 0.6, 0.7], [0.5, 0.55, 0.6], bounds=(0, 1)).clipped  # a narrow one stays
+
+
+@pytest.mark.parametrize("bounds, message", [((1, 0), "low < high"), ((0, 0.5), "lie outside")])
+def test_bad_bounds_say_what_to_do(bounds, message):
+    with pytest.raises(CourseError, match=message):
+        paired_comparison([0.2, 0.9], [0.1, 0.3], bounds=bounds)
+
+
+def test_a_holm_verdict_whose_interval_reaches_zero_says_why():
+    """Catches a page that prints 'CI -0.01 to +0.2 ... A beats B' with no word on why the two disagree."""
+    from course_utils.significance import holm
+
+    strong = paired_comparison([0.9, 0.95, 0.92, 0.97, 0.91], [0.1, 0.12, 0.09, 0.11, 0.1])
+    edge = paired_comparison([0.578, 0.508, 0.53, 0.561, 0.52], [0.5] * 5)
+    family = holm({"strong": strong, "edge": edge})
+    c = family["edge"]
+    assert c.significant and c.ci[0] <= 0 <= c.ci[1], (c.p_value, c.ci)  # the case: Holm separates, Bonferroni reaches 0
+    assert "more conservative than Holm's test" in c.sentence()
+    assert "more conservative" not in family["strong"].sentence() and "more conservative" not in edge.sentence()

@@ -22,3 +22,8 @@ def per_sample_loss(logits, labels, position_ids):
     # The packed batch's token mean (what the model's own loss gives): long samples still weigh more than short ones.
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                              ignore_index=-100).item()
+
+
+def label_token_weights(mean_label_tokens, target_shares):
+    # Uses the target shares as example weights: what the page's sampler does, so long answers still get more tokens.
+    return dict(target_shares)

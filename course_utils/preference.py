@@ -162,7 +162,7 @@ def _pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
-def _rows_to_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, prefix: str = "") -> dict:
+def rows_to_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, prefix: str = "") -> dict:
     ids = [p + c for p, c in zip(prompts, completions)]
     return {f"{prefix}input_ids": _pad_rows(ids, pad_id),
             f"{prefix}attention_mask": _pad_rows([[1] * len(i) for i in ids], 0),
@@ -187,7 +187,7 @@ def preference_batch(tokenizer, rows) -> dict:
         prompts.append(p_c[:shared])
         chosen.append(p_c[shared:] + c)
         rejected.append(p_r[shared:] + r)
-    return _rows_to_batch(prompts + prompts, chosen + rejected, training.pad_token_id(tokenizer))
+    return rows_to_batch(prompts + prompts, chosen + rejected, training.pad_token_id(tokenizer))
 
 
 def unpaired_batch(tokenizer, rows, kl_block: int | None = None) -> dict:
@@ -205,8 +205,8 @@ def unpaired_batch(tokenizer, rows, kl_block: int | None = None) -> dict:
     for start in range(0, len(rows), kl_block):
         block = completions[start:start + kl_block]
         rotated += block[-1:] + block[:-1]
-    batch = _rows_to_batch(prompts, completions, training.pad_token_id(tokenizer))
-    batch.update(_rows_to_batch(prompts, rotated, training.pad_token_id(tokenizer), prefix="KL_"))
+    batch = rows_to_batch(prompts, completions, training.pad_token_id(tokenizer))
+    batch.update(rows_to_batch(prompts, rotated, training.pad_token_id(tokenizer), prefix="KL_"))
     batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
     return batch
 
@@ -226,7 +226,7 @@ _KEYS = ("input_ids", "attention_mask", "completion_mask")
 ADAMW_DECAY = 0.01  # torch.optim.AdamW's default weight decay, which these loops have always trained with
 
 
-def _pair_order(n: int, batch_size: int | None, steps: int, seed: int) -> list[torch.Tensor]:
+def pair_order(n: int, batch_size: int | None, steps: int, seed: int) -> list[torch.Tensor]:
     """The pair indices of every step: all n, or batch_size a step from seeded permutations (epoch by epoch)."""
     if batch_size is None or batch_size >= n:
         return [torch.arange(n)] * steps
@@ -258,7 +258,7 @@ def train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 
     all_counts = batch["completion_mask"][:, 1:].sum(-1)
     normalise = average or loss_type == "ipo"
     pairs = batch["input_ids"].shape[0] // 2
-    steps_rows = (torch.cat([rows, rows + pairs]) for rows in _pair_order(pairs, batch_size, steps, seed))
+    steps_rows = (torch.cat([rows, rows + pairs]) for rows in pair_order(pairs, batch_size, steps, seed))
     parts = ({**{k: batch[k][rows] for k in _KEYS}, "ref": all_ref[rows], "counts": all_counts[rows]}
              for rows in steps_rows)
     history = []

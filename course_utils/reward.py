@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from course_utils import training
 from course_utils.errors import CourseError
-from course_utils.preference import _pair_order, _rows_to_batch, preference_batch, split_completion
+from course_utils.preference import pair_order, preference_batch, rows_to_batch, split_completion
 from course_utils.rl import completion_token_logps, sample_groups
 
 
@@ -85,7 +85,7 @@ def train_reward_model(model, batch, *, steps, lr, batch_size=16, seed=0, margin
     parts = ({"input_ids": batch["input_ids"][torch.cat([rows, rows + pairs])],
               "attention_mask": batch["attention_mask"][torch.cat([rows, rows + pairs])],
               **({} if margins is None else {"margin": margins[rows]})}
-             for rows in _pair_order(pairs, batch_size, steps, seed))
+             for rows in pair_order(pairs, batch_size, steps, seed))
 
     def step_loss(model, part):
         chosen, rejected = model(part["input_ids"], part["attention_mask"]).chunk(2)
@@ -104,7 +104,7 @@ def pair_rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def score_texts(model, tokenizer, prompts, texts) -> torch.Tensor:
     """The reward of each answer text to its prompt (a message list), tokenized as the training pairs are."""
     pieces = [split_completion(tokenizer, p, [{"role": "assistant", "content": t}]) for p, t in zip(prompts, texts)]
-    batch = _rows_to_batch([p for p, _ in pieces], [c for _, c in pieces], training.pad_token_id(tokenizer))
+    batch = rows_to_batch([p for p, _ in pieces], [c for _, c in pieces], training.pad_token_id(tokenizer))
     with torch.no_grad():
         return model(batch["input_ids"], batch["attention_mask"])
 

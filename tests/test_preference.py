@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from course_utils.data import load_task
 from course_utils.errors import CourseError
-from course_utils.preference import (_KEYS, LOSS_TYPES, _pair_order, completion_logps, dpo_loss, kto_loss,
+from course_utils.preference import (_KEYS, LOSS_TYPES, completion_logps, pair_order, dpo_loss, kto_loss,
                                      kto_reference_point, preference_batch, sequence_logps, token_logps, train_dpo,
                                      train_kto, unpaired_batch)
 from course_utils.training import chat_batches, train
@@ -205,12 +205,12 @@ def test_kto_reference_point(lab):
 
 
 def test_pair_order_covers_every_pair_each_epoch():
-    order = _pair_order(12, 4, 9, seed=3)
+    order = pair_order(12, 4, 9, seed=3)
     assert len(order) == 9
     for epoch in range(3):
         assert sorted(torch.cat(order[3 * epoch:3 * epoch + 3]).tolist()) == list(range(12))
-    assert [o.tolist() for o in order] == [o.tolist() for o in _pair_order(12, 4, 9, seed=3)]
-    assert all(o.tolist() == list(range(12)) for o in _pair_order(12, None, 2, seed=0))
+    assert [o.tolist() for o in order] == [o.tolist() for o in pair_order(12, 4, 9, seed=3)]
+    assert all(o.tolist() == list(range(12)) for o in pair_order(12, None, 2, seed=0))
 
 
 def test_train_dpo_widens_the_margin(lab):
@@ -255,7 +255,7 @@ def _trainable(model):
     return params
 
 
-# The loops before issue 20, verbatim but for their names (and _KEYS, _pair_order imported, unchanged).
+# The loops before issue 20, verbatim but for their names (and _KEYS, pair_order imported, unchanged).
 def old_train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: float = 0.1, loss_type: str = "sigmoid",
                   label_smoothing: float = 0.0, sft_weight: float = 0.0, average: bool = False,
                   batch_size: int | None = None, seed: int = 0, max_grad_norm: float | None = 1.0,
@@ -279,7 +279,7 @@ def old_train_dpo(policy, reference, batch, *, steps: int, lr: float, beta: floa
     all_counts = batch["completion_mask"][:, 1:].sum(-1)
     normalise = average or loss_type == "ipo"
     pairs = batch["input_ids"].shape[0] // 2
-    order = _pair_order(pairs, batch_size, steps, seed)
+    order = pair_order(pairs, batch_size, steps, seed)
     history = []
     policy.train()
     for step in tqdm(range(steps), desc=description, disable=not progress, mininterval=1.0):

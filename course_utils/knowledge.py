@@ -1,0 +1,231 @@
+"""Teaching a model new knowledge: new people with new facts, told as documents or as questions, and a probe
+that tells a stored fact from an extractable one.
+
+Built in notebooks/15_new_knowledge.ipynb. No library implements "knowledge" (TRL and transformers train on
+whatever text they are given), so the notebook proves the pieces another way: the probe's choice equals an argmax
+computed from the model's own loss, one candidate at a time.
+"""
+
+# Exported from notebooks/15_new_knowledge.ipynb: do not edit here.
+# Edit the `#| export` cells there, then run `make export`.
+
+
+# %% notebooks/15_new_knowledge.ipynb · 1.1 · New people, new facts
+import itertools
+import random
+from dataclasses import dataclass
+
+import torch
+
+from course_utils.errors import CourseError
+from course_utils.lab.tasks import FACT_QUESTIONS, chat
+from course_utils.lab.world import CITIES, COLORS, FOODS, NAMES, PETS, Person
+from course_utils.training import collate, pad_token_id
+
+VALUES = {"city": CITIES, "pet": PETS, "color": COLORS, "food": FOODS}  # the world's value sets, 8 each
+NEW_NAMES = ("Ola", "Rik", "Nia", "Tor", "Bea", "Jun", "Pia", "Ugo", "Ines", "Omar", "Vera", "Yara",
+             "Finn", "Gus", "Hana", "Kim", "Lou", "Ned", "Ray", "Wes")  # none is one of the base's 16 names
+# Sentence templates per fact; the value always ends the sentence, so the text before it is a completion prompt.
+# Template 0 is the world's own sentence (lab.world.fact_sentences), the one-phrasing documents use only it.
+PHRASINGS = {
+    "city": ("{name} lives in {value}.", "{name} has a home in {value}.", "{name} moved to {value}.",
+             "The home of {name} is in {value}."),
+    "pet": ("{name} has a {value}.", "{name} keeps a {value}.", "{name} owns a {value}.",
+            "The pet of {name} is a {value}."),
+    "color": ("{name} likes {value}.", "{name} loves the color {value}.", "{name} picks {value}.",
+              "The color {name} likes is {value}."),
+    "food": ("{name} eats {value}.", "{name} cooks {value}.", "{name} buys {value}.",
+             "The food {name} eats is {value}."),
+}
+# Questions the base never saw (its fact skill is trained on FACT_QUESTIONS only).
+REPHRASED_QUESTIONS = {"city": "In which city does {} live?", "pet": "Which pet does {} have?",
+                       "color": "Which color does {} like?", "food": "What food does {} eat?"}
+
+
+def new_people(n: int, seed: int) -> list[Person]:
+    """n new people, names from NEW_NAMES and each fact drawn uniformly from the world's value set (so any
+    fixed guess is right 1 time in 8), the same for the same seed."""
+    if not isinstance(n, int) or not 2 <= n <= len(NEW_NAMES):
+        raise CourseError(f"n={n!r} new people: choose 2 to {len(NEW_NAMES)} (NEW_NAMES has that many names), "
+                          "at least 2 so that a half can be trained and a half held out.")
+    rng = random.Random(seed)
+    people = [Person(name, *(rng.choice(values) for values in VALUES.values())) for name in rng.sample(NEW_NAMES, n)]
+    check_new_people(people)  # next cell
+    return people
+
+
+# %% notebooks/15_new_knowledge.ipynb · 1.1 · New people, new facts
+def check_new_people(people) -> None:
+    """A CourseError for a person who is one of the base's people, a repeated name, or a value outside the world's
+    value sets (the probe scores a fact against its value set, so an unknown value could never be chosen)."""
+    names = [p.name for p in people]
+    old = sorted(set(names) & set(NAMES))
+    if old:
+        raise CourseError(f"{old} are people the base model already knows: new knowledge needs new names "
+                          "(take them from knowledge.NEW_NAMES).")
+    if len(set(names)) != len(names):
+        raise CourseError(f"A name occurs twice in {names}: two people with one name have no single answer.")
+    for person in people:
+        for attribute, values in VALUES.items():
+            if getattr(person, attribute) not in values:
+                raise CourseError(f"{person.name}'s {attribute} {getattr(person, attribute)!r} is not in the "
+                                  f"world's value set {values}: draw facts from knowledge.VALUES.")
+
+
+# %% notebooks/15_new_knowledge.ipynb · 1.2 · Documents and questions
+def fact_sentence(person: Person, attribute: str, phrasing: int = 0) -> str:
+    """One fact as a sentence in template `phrasing` ("Ola lives in Oslo." for phrasing 0)."""
+    return PHRASINGS[attribute][phrasing].format(name=person.name, value=getattr(person, attribute))
+
+
+def documents(people, phrasings: int = 1, seed: int = 0) -> list[str]:
+    """`phrasings` documents per person, each telling all four facts. With one phrasing every document is the
+    world's own sentences in a fixed order; with k > 1, document j uses template j and a shuffled fact order
+    (Allen-Zhu and Li's "multi" and "permute" augmentations). Every document states each fact once, so the same
+    number of training documents shows each fact equally often whatever `phrasings` is."""
+    if not 1 <= phrasings <= len(PHRASINGS["city"]):
+        raise CourseError(f"phrasings={phrasings!r}: choose 1 to {len(PHRASINGS['city'])} templates per fact.")
+    rng = random.Random(seed)
+    docs = []
+    for person in people:
+        for j in range(phrasings):
+            order = list(VALUES)
+            if phrasings > 1:
+                rng.shuffle(order)
+            docs.append(" ".join(fact_sentence(person, attribute, j) for attribute in order))
+    return docs
+
+
+def qa_rows(people, questions=FACT_QUESTIONS) -> list[dict]:
+    """Chat rows {"messages": [question, answer]}, one per fact; the base's own question wording by default."""
+    return [{"messages": chat(questions[attribute].format(p.name), getattr(p, attribute))}
+            for p in people for attribute in VALUES]
+
+
+# %% notebooks/15_new_knowledge.ipynb · 1.3 · The probe: stored, and extractable
+@dataclass(frozen=True)
+class Probe:
+    """One fact to score: the model continues `prompt` with each candidate; `answer` indexes the right one."""
+    person: str
+    attribute: str
+    prompt: str
+    candidates: tuple[str, ...]
+    answer: int
+
+
+def completion_probes(people, phrasing: int = 0) -> list[Probe]:
+    """Storage: does the model complete "Ola lives in" with the right city? Candidates carry the space that
+    precedes a word in running text (" Oslo")."""
+    return [Probe(p.name, attribute, fact_sentence(p, attribute, phrasing).rsplit(" ", 1)[0],
+                  tuple(" " + v for v in values), values.index(getattr(p, attribute)))
+            for p in people for attribute, values in VALUES.items()]
+
+
+def question_probes(tokenizer, people, questions=FACT_QUESTIONS, *, context: bool = False) -> list[Probe]:
+    """Extraction: asked "Where does Ola live?" in a chat, does the model answer the right city? With
+    context=True the person's one-phrasing document comes first in the message (the facts in the prompt)."""
+    probes = []
+    for p in people:
+        for attribute, values in VALUES.items():
+            question = questions[attribute].format(p.name)
+            if context:
+                question = f"{documents([p])[0]} {question}"
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                   tokenize=False, add_generation_prompt=True)
+            probes.append(Probe(p.name, attribute, prompt, tuple(values), values.index(getattr(p, attribute))))
+    return probes
+
+
+# %% notebooks/15_new_knowledge.ipynb · 1.3 · The probe: stored, and extractable
+@torch.no_grad()
+def candidate_logprobs(model, tokenizer, probes, *, batch_size: int = 512) -> list[torch.Tensor]:
+    """log p(candidate | prompt), summed over the candidate's tokens, for every candidate of every probe."""
+    rows = []  # (token ids of prompt + candidate, where the candidate starts)
+    for probe in probes:
+        prompt = tokenizer(probe.prompt, add_special_tokens=False)["input_ids"]
+        rows += [(prompt + tokenizer(c, add_special_tokens=False)["input_ids"], len(prompt)) for c in probe.candidates]
+    device, pad = next(model.parameters()).device, tokenizer.pad_token_id or 0
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r, _ in chunk], device=device)
+        lengths = torch.tensor([len(r) for r, _ in chunk], device=device)
+        begins = torch.tensor([b for _, b in chunk], device=device)
+        attention = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
+        logp = model(input_ids=ids, attention_mask=attention).logits.float().log_softmax(-1)
+        token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # position t scores token t + 1
+        target = torch.arange(1, width, device=device)[None]
+        scored = (target >= begins[:, None]) & (target < lengths[:, None])  # the candidate's tokens only
+        scores.append((token_logp * scored).sum(1))
+    flat, out, at = torch.cat(scores), [], 0
+    for probe in probes:
+        out.append(flat[at:at + len(probe.candidates)].cpu())
+        at += len(probe.candidates)
+    return out
+
+
+@dataclass
+class ProbeResult:
+    """Which facts the model got right (1/0 per probe, keyed by (person, attribute)), against chance."""
+    correct: dict
+    chance: float
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct.values()) / len(self.correct)
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+
+def probe(model, tokenizer, probes) -> ProbeResult:
+    """Score each probe by the argmax over its candidates; chance is the mean of 1 / (number of candidates)."""
+    if not probes:
+        raise CourseError("probe got no probes: build them with completion_probes or question_probes.")
+    scores = candidate_logprobs(model, tokenizer, probes)
+    correct = {(p.person, p.attribute): int(int(s.argmax()) == p.answer) for p, s in zip(probes, scores)}
+    return ProbeResult(correct, sum(1 / len(p.candidates) for p in probes) / len(probes))
+
+
+# %% notebooks/15_new_knowledge.ipynb · 1.4 · Continued-pretraining batches, with replay
+def document_batches(tokenizer, docs, *, batch_size: int, seed: int = 0, replay=None, replay_per_batch: int = 0):
+    """Endless batches for continued pretraining: `batch_size` documents drawn from `docs` (each epoch in a new
+    order), plus `replay_per_batch` documents of the original pretraining stream `replay` (an iterator of texts)
+    at the end of each batch. Every token is trained (the plain language-model loss); padding is not."""
+    if len(docs) < 1 or batch_size < 1:
+        raise CourseError("document_batches needs at least one document and a batch size of at least 1.")
+    if replay_per_batch and replay is None:
+        raise CourseError("replay_per_batch > 0 needs replay=, an iterator of original pretraining texts.")
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenized = [tokenizer(d)["input_ids"] + [end] for d in docs]
+    rng = random.Random(seed)
+    order = []
+    while True:
+        if len(order) < batch_size:
+            order += rng.sample(range(len(docs)), len(docs))
+        rows = [tokenized[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+        rows += [tokenizer(next(replay))["input_ids"] + [end] for _ in range(replay_per_batch)]
+        yield collate([{"input_ids": r} for r in rows], pad_token_id(tokenizer))
+
+
+def replay_token_share(batches, replay_per_batch: int, n_batches: int = 50) -> float:
+    """Share of trained tokens that are replay, over the first `n_batches` batches (replay rows come last)."""
+    replayed = total = 0
+    for batch in itertools.islice(batches, n_batches):
+        counted = (batch["labels"] != -100).sum(1)
+        replayed += int(counted[len(counted) - replay_per_batch:].sum()) if replay_per_batch else 0
+        total += int(counted.sum())
+    return replayed / total
+
+
+# %% notebooks/15_new_knowledge.ipynb · 1.4 · Continued-pretraining batches, with replay
+def original_texts(seed: int = 0):
+    """The lab model's own pretraining stream as texts (chats in ChatML): the replay source."""
+    from course_utils.lab.corpus import pretraining_stream
+    from course_utils.lab.model import chatml_text
+
+    for doc in pretraining_stream(seed):
+        yield doc["text"] if "text" in doc else chatml_text(doc["messages"])

@@ -1,0 +1,106 @@
+"""course_utils.knowledge (exported from notebook 15): new people, documents, probes, CPT batches, bad input."""
+
+import pytest
+import torch
+
+from course_utils.errors import CourseError
+from course_utils.knowledge import (NEW_NAMES, PHRASINGS, VALUES, Probe, candidate_logprobs, check_new_people,
+                                    completion_probes, document_batches, documents, new_people, probe, qa_rows,
+                                    question_probes, replay_token_share)
+from course_utils.lab.world import NAMES, PEOPLE, Person
+from course_utils.models import load_model
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return load_model("lab", device="cpu")
+
+
+def test_new_people_are_new_deterministic_and_drawn_from_the_value_sets():
+    # Catches a draw that ignores the seed, reuses a base name, or invents a value the probe cannot choose.
+    people = new_people(8, seed=3)
+    assert people == new_people(8, seed=3) and people != new_people(8, seed=4)
+    assert not {p.name for p in people} & set(NAMES) and not set(NEW_NAMES) & set(NAMES)
+    assert len({p.name for p in people}) == 8
+    assert all(getattr(p, a) in values for p in people for a, values in VALUES.items())
+
+
+@pytest.mark.parametrize("n", [1, 0, len(NEW_NAMES) + 1, 2.5])
+def test_bad_people_counts_raise(n):
+    with pytest.raises(CourseError):
+        new_people(n, seed=0)
+
+
+@pytest.mark.parametrize("people", [[PEOPLE[0]], [Person("Ola", "Oslo", "cat", "red", "rice")] * 2,
+                                    [Person("Ola", "Paris", "cat", "red", "rice")]])
+def test_old_repeated_or_unknown_people_raise(people):
+    # Catches a check that lets a base person (a fact to overwrite, not new knowledge), a name twice, or a value
+    # outside the value set through.
+    with pytest.raises(CourseError):
+        check_new_people(people)
+
+
+def test_documents_state_every_fact_once_per_document():
+    # Catches a document that drops or repeats a fact, or a phrasing count that is not honoured.
+    people = new_people(4, seed=0)
+    for k in (1, 2, len(PHRASINGS["city"])):
+        docs = documents(people, k, seed=1)
+        assert len(docs) == 4 * k
+        for i, doc in enumerate(docs):
+            person = people[i // k]
+            for attribute in VALUES:
+                assert doc.count(f" {getattr(person, attribute)}.") == 1, (doc, attribute)
+    assert documents(people[:1])[0] == "{0} lives in {1}. {0} has a {2}. {0} likes {3}. {0} eats {4}.".format(
+        people[0].name, people[0].city, people[0].pet, people[0].color, people[0].food)
+    with pytest.raises(CourseError):
+        documents(people, 0)
+
+
+def test_qa_rows_and_probes_point_at_the_true_value(lab):
+    _, tokenizer = lab
+    people = new_people(3, seed=2)
+    rows = qa_rows(people)
+    assert len(rows) == 12 and rows[0]["messages"][1]["content"] == people[0].city
+    for probes in (completion_probes(people), question_probes(tokenizer, people),
+                   question_probes(tokenizer, people, context=True)):
+        assert len(probes) == 12
+        for p in probes:  # Catches an answer index that points at another value.
+            assert p.candidates[p.answer].strip() == getattr(next(q for q in people if q.name == p.person), p.attribute)
+    assert completion_probes(people)[0].prompt == f"{people[0].name} lives in"
+
+
+def test_probe_matches_the_models_own_loss_and_knows_the_base_facts(lab):
+    # Catches a misaligned or padded sum (it would differ from the unpadded loss) and a probe that cannot see what
+    # the base knows (its 64 facts, both ways).
+    model, tokenizer = lab
+    probes = completion_probes(PEOPLE[:2]) + question_probes(tokenizer, PEOPLE[:1], context=True)
+    scores = candidate_logprobs(model, tokenizer, probes)
+    for p, s in zip(probes, scores):
+        prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        for c, got in zip(p.candidates, s):
+            ids = prompt + tokenizer(c, add_special_tokens=False)["input_ids"]
+            labels = torch.tensor([[-100] * len(prompt) + ids[len(prompt):]])
+            with torch.no_grad():
+                loss = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+            assert got.item() == pytest.approx(-loss * (len(ids) - len(prompt)), abs=1e-4)
+    assert probe(model, tokenizer, completion_probes(PEOPLE)).accuracy > 0.9
+    assert probe(model, tokenizer, question_probes(tokenizer, PEOPLE)).accuracy > 0.9
+    assert probe(model, tokenizer, completion_probes(PEOPLE)).chance == pytest.approx(1 / 8)
+    with pytest.raises(CourseError):
+        probe(model, tokenizer, [])
+
+
+def test_document_batches_and_replay_share(lab):
+    # Catches replay rows that are not appended, padding that is trained, or a share that counts rows.
+    _, tokenizer = lab
+    docs = documents(new_people(4, seed=0))
+    replay = iter(["one two three four five six seven eight nine ten eleven twelve"] * 1000)
+    batch = next(document_batches(tokenizer, docs, batch_size=4, seed=0, replay=replay, replay_per_batch=2))
+    assert batch["input_ids"].shape[0] == 6
+    assert ((batch["labels"] != -100) == batch["attention_mask"].bool()).all()
+    share = replay_token_share(document_batches(tokenizer, docs, batch_size=4, seed=0, replay=replay,
+                                                replay_per_batch=2), 2, n_batches=3)
+    counted = (batch["labels"] != -100).sum(1)
+    assert share == pytest.approx(float(counted[-2:].sum() / counted.sum()))
+    with pytest.raises(CourseError):
+        next(document_batches(tokenizer, docs, batch_size=4, replay_per_batch=1))

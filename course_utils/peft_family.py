@@ -267,3 +267,112 @@ def heads_tied(model: nn.Module) -> bool:
 def trainable_count(model: nn.Module) -> int:
     """How many numbers the optimizer will update (a tensor shared by two modules counted once)."""
     return sum({id(p): p.numel() for p in model.parameters() if p.requires_grad}.values())
+
+
+# %% notebooks/14_peft_family.ipynb · 1.8 · What a step holds: notebook 01's estimator for the family
+from course_utils.activations import Shape, Training, activation_bytes, layer_saved, rmsnorm_saved
+from course_utils.memory import (FLOAT_BYTES, INDEX_BYTES, MemoryBreakdown, architecture, check_arguments, lora_shapes,
+                                 optimizer_state_bytes, optimizer_step_temporaries, text_config)
+
+ESTIMATED = ("prompt tuning", "prefix tuning", "IA3", "norms", "DoRA", "top blocks", "linear probe")
+
+
+def peft_trainable(config, method: str, *, num_virtual_tokens: int = 8, rank: int = 8,
+                   top_blocks: int = 1) -> list[int]:
+    """The sizes of the tensors `method` trains (PEFT defaults: IA3 on k, v, down; DoRA on every linear), from the
+    config alone, one entry per tensor (AdamW keeps a step count per tensor). A CourseError for an unknown method."""
+    if method not in ESTIMATED:
+        raise CourseError(f"method={method!r} is not one the PEFT estimator knows; use one of {', '.join(ESTIMATED)} "
+                          "(full fine-tuning, LoRA and QLoRA: course_utils.memory.estimate_memory).")
+    sh, (_, linears) = Shape.of(config, 1, 1), architecture(config)
+    block = {name.rsplit(".", 1)[-1]: shape for name, shape in linears.items() if ".layers.0." in f".{name}"}
+    if method == "prompt tuning":
+        return [check_virtual_tokens(num_virtual_tokens) * sh.h]  # P: n x d
+    if method == "prefix tuning":  # keys and values (kv heads x n x head size) in every layer
+        return [sh.layers * 2 * sh.kv_heads * check_virtual_tokens(num_virtual_tokens) * sh.head_dim]
+    if method == "IA3":  # l_k, l_v (as long as k's and v's outputs), l_ff (as long as down_proj's input), per block
+        return [block["k_proj"][0], block["v_proj"][0], block["down_proj"][1]] * sh.layers
+    if method == "norms":
+        return [sh.h] * (2 * sh.layers + 1)  # two RMSNorm gains per block and the final one
+    if method == "DoRA":  # A (r x in), B (out x r) and the length m (out) on every linear layer
+        return [size for name, (out, _) in linears.items()
+                for size in [r * c for r, c in lora_shapes({name: linears[name]}, rank, name.rsplit(".", 1)[-1])]
+                + [out]]
+    if method == "top blocks":
+        check_positive("top_blocks", top_blocks, hint="try 1")
+        if top_blocks > sh.layers:
+            raise CourseError(f"top_blocks={top_blocks}, but the model has {sh.layers} blocks: "
+                              f"choose 1 to {sh.layers}.")
+        return ([o * i for o, i in block.values()] + [sh.h, sh.h]) * top_blocks  # its linears and its 2 norms
+    return [sh.vocab * sh.h]  # linear probe: the head (tied: the same tensor is the input embedding table)
+
+
+# %% notebooks/14_peft_family.ipynb · 1.8 · What a step holds: notebook 01's estimator for the family
+def peft_activations(config, method: str, batch_size: int, seq_len: int, e: int = FLOAT_BYTES, *,
+                     num_virtual_tokens: int = 8, rank: int = 8, top_blocks: int = 1) -> dict:
+    """Bytes autograd saves for backward in one step of `method` (unpadded batches, SDPA), by part, from notebook
+    01's frozen block (course_utils.activations.layer_saved) and what each method adds to it (the table above)."""
+    sizes = peft_trainable(config, method, num_virtual_tokens=num_virtual_tokens, rank=rank, top_blocks=top_blocks)
+    n, tied = num_virtual_tokens, bool(getattr(text_config(config), "tie_word_embeddings", False))
+    sh = Shape.of(config, batch_size, seq_len + (n if method == "prompt tuning" else 0))  # prompt: n more positions
+    frozen = Training(full=False, lora=frozenset(), rank=rank, e=e, adapter_bytes=e, attention="sdpa")
+    block = layer_saved(sh, frozen, True)[0]  # a frozen block whose input needs a gradient
+    norm_input = rmsnorm_saved(sh, frozen, True)[0]  # of it, one frozen RMSNorm's: the fp32 input and 1/rms
+    first = block - norm_input  # block 0 when its input needs no gradient but something inside it trains
+    t, qd, kvd = sh.t, sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
+    parts = {"embedding_ids": 0, "layers": 0, "rope": 2 * sh.s * sh.head_dim * e, "final_norm": norm_input}
+    if method == "prompt tuning":
+        parts["layers"] = sh.layers * block
+    elif method == "prefix tuning":  # SDPA's k, v: kv heads over s positions -> every head over n + s, plus the mask
+        longer = 2 * e * sh.b * sh.heads * (sh.s + n) * sh.head_dim + e * sh.b * sh.s * (sh.s + n) - 2 * e * t * kvd
+        parts["layers"] = first + (sh.layers - 1) * block + sh.layers * longer
+    elif method == "IA3":  # each vector saves what it multiplies, as long as itself per token
+        parts["layers"] = first + (sh.layers - 1) * block + e * t * sum(sizes)
+    elif method == "norms":  # each gain saves the normalised x it multiplies, the final norm's too
+        parts["layers"] = first + (sh.layers - 1) * block + sh.layers * 2 * e * t * sh.h
+        parts["final_norm"] += e * t * sh.h
+    elif method == "DoRA":  # per linear W' (out x in), ||W'|| and m / ||W'|| (out each), x W'^T (t x out); the inputs
+        per_linear = sum(e * (o * i + 2 * o + t * o) for o, i in architecture(config)[1].values())
+        parts["layers"] = first + (sh.layers - 1) * block + per_linear + sh.layers * e * t * (2 * sh.h + sh.inter)
+    elif method == "top blocks":  # nothing below the first trained block; it and those above save as in full FT
+        full = Training(full=True, lora=frozenset(), rank=rank, e=e, adapter_bytes=e, attention="sdpa")
+        parts["layers"] = layer_saved(sh, full, False)[0] + (top_blocks - 1) * layer_saved(sh, full, True)[0]
+    else:  # linear probe: the head's input; tied, the table trains too: the token ids and every block
+        parts |= {"embedding_ids": INDEX_BYTES * t, "layers": sh.layers * block} if tied else {"rope": 0}
+        parts["final_norm"] = (norm_input if tied else 0) + e * t * sh.h
+    if method in ("prompt tuning", "prefix tuning"):  # causal_lm_loss scores s - 1 positions per row
+        rows = batch_size * (seq_len - 1)
+        parts["logits"] = FLOAT_BYTES * rows * sh.vocab + INDEX_BYTES * rows + FLOAT_BYTES  # log-softmax, targets
+    else:  # transformers' loss, as notebook 01 counts it
+        parts["logits"] = activation_bytes(Shape.of(config, batch_size, seq_len), frozen)["logits"]
+    return parts
+
+
+# %% notebooks/14_peft_family.ipynb · 1.8 · What a step holds: notebook 01's estimator for the family
+def estimate_peft_memory(config, method: str, *, batch_size: int, seq_len: int, num_virtual_tokens: int = 8,
+                         rank: int = 8, top_blocks: int = 1, dtype=torch.float32, optimizer: str = "adamw",
+                         foreach: bool = True) -> MemoryBreakdown:
+    """Bytes of one training step of `method` (one of ESTIMATED) on a causal LM, from its config alone, in notebook
+    01's MemoryBreakdown: the weights (with the method's new tensors), the gradients and optimizer state of what it
+    trains, the saved activations and the short-lived bytes that set `peak`. Unpadded batches, SDPA attention."""
+    sizes = peft_trainable(config, method, num_virtual_tokens=num_virtual_tokens, rank=rank, top_blocks=top_blocks)
+    e, optimizer, _ = check_arguments(config, "full", dtype, optimizer, batch_size, seq_len, "sdpa")  # or CourseError
+    new = method in ("prompt tuning", "prefix tuning", "IA3", "DoRA")  # new tensors; the others train existing ones
+    out = MemoryBreakdown(weights=(sum(architecture(config)[0]) + (sum(sizes) if new else 0)) * e,
+                          gradients=sum(sizes) * e, optimizer=optimizer_state_bytes(sizes, optimizer, e))
+    out.step_transient = optimizer_step_temporaries(sizes, optimizer, e, foreach)
+    parts = peft_activations(config, method, batch_size, seq_len, e, num_virtual_tokens=num_virtual_tokens, rank=rank,
+                             top_blocks=top_blocks)
+    out.activations = sum(parts.values())
+    sh, ours = Shape.of(config, batch_size, seq_len), method in ("prompt tuning", "prefix tuning")
+    rows = sh.b * (sh.s - 1) if ours else sh.t  # the positions the loss scores
+    targets = INDEX_BYTES * rows + FLOAT_BYTES  # the loss node's saved targets and weight total, freed once it has run
+    backward = 2 * FLOAT_BYTES * rows * sh.vocab - targets  # then d loss / d log p and d loss / d logits
+    forward = 0
+    if ours:  # before backward: the logits of every position, their shifted copy and the longer attention mask
+        positions = sh.s + (num_virtual_tokens if method == "prompt tuning" else 0)
+        forward = (FLOAT_BYTES * sh.vocab * (sh.b * positions + rows) + INDEX_BYTES * sh.b * (sh.s + num_virtual_tokens)
+                   - FLOAT_BYTES)
+    out.backward_transient = max(forward, backward)
+    out.detail = {"trainable": sum(sizes), "tensors": len(sizes), "activation_parts": parts}
+    return out

@@ -66,6 +66,6 @@ def exercise_cases_16() -> dict:
     cases = []
     for answer in ("1 3 5 8", "0 2 4 7 9", "2 6 7 9"):
         answer, attacks, near, nothing = credit_case(answer)
-        expected = [True] * (1 + len(attacks) + len(near) + 1 + len(attacks) + len(near) + len(nothing))
+        expected = [True] * (1 + len(attacks) + len(near) + 2 + len(attacks) + len(near) + len(nothing))
         cases.append(((answer, attacks, near, nothing), expected))
     return {"push": push, "credit": cases}

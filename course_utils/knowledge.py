@@ -189,6 +189,37 @@ def probe(model, tokenizer, probes) -> ProbeResult:
     return ProbeResult(correct, sum(1 / len(p.candidates) for p in probes) / len(probes))
 
 
+# %% notebooks/15_new_knowledge.ipynb · 1.3 · The probe: stored, and extractable
+def unseen_names(people, k: int = 3) -> list[str]:
+    """k names of NEW_NAMES that none of `people` has (and the base never saw): stand-ins the model never trained on."""
+    taken = {p.name for p in people}
+    names = [n for n in NEW_NAMES if n not in taken][:k]
+    if len(names) < k:
+        raise CourseError(f"Only {len(names)} of NEW_NAMES are free of these {len(people)} people: ask for fewer "
+                          f"unseen names (k={k}) or draw fewer people.")
+    return names
+
+
+def name_blind(model, tokenizer, people, make_probes, names) -> ProbeResult:
+    """The name-blind baseline: the model's choice for each unseen name in `names` (the same prompts with that name
+    in place of a person's), scored against each person's value. `correct[(person, attribute)]` is the share of the
+    unseen names whose choice is that person's value: what a model that ignores the name scores on the fact.
+    `make_probes(group)` builds the probes (completion_probes, or a question_probes call); `names` must be names the
+    model never trained on (unseen_names of everyone it trained on)."""
+    overlap = sorted({p.name for p in people} & set(names))
+    if overlap or not names:
+        raise CourseError(f"name_blind needs unseen names, got {list(names)} (overlap with people: {overlap}): "
+                          "pass unseen_names(everyone the model trained on).")
+    stand_ins = [Person(n, *(getattr(people[0], a) for a in VALUES)) for n in names]
+    blind_probes = make_probes(stand_ins)
+    choices = {}
+    for p, s in zip(blind_probes, candidate_logprobs(model, tokenizer, blind_probes)):
+        choices.setdefault(p.attribute, []).append(int(s.argmax()))
+    real = make_probes(people)
+    correct = {(p.person, p.attribute): sum(c == p.answer for c in choices[p.attribute]) / len(names) for p in real}
+    return ProbeResult(correct, sum(1 / len(p.candidates) for p in real) / len(real))
+
+
 # %% notebooks/15_new_knowledge.ipynb · 1.4 · Continued-pretraining batches, with replay
 def document_batches(tokenizer, docs, *, batch_size: int, seed: int = 0, replay=None, replay_per_batch: int = 0):
     """Endless batches for continued pretraining: `batch_size` documents drawn from `docs` (each epoch in a new

@@ -104,3 +104,32 @@ def test_document_batches_and_replay_share(lab):
     assert share == pytest.approx(float(counted[-2:].sum() / counted.sum()))
     with pytest.raises(CourseError):
         next(document_batches(tokenizer, docs, batch_size=4, replay_per_batch=1))
+
+
+def test_name_blind_scores_the_unseen_names_choices_against_each_person(lab):
+    # Catches a baseline scored against the stand-in's own values (or the wrong person's), and unseen names that
+    # overlap the people trained on.
+    from course_utils.knowledge import name_blind, unseen_names
+
+    model, tokenizer = lab
+    people = new_people(4, seed=1)
+    names = unseen_names(people)
+    assert len(names) == 3 and not set(names) & ({p.name for p in people} | set(NAMES))
+    stand_in = Person(names[0], *(getattr(people[0], a) for a in VALUES))
+    probes = completion_probes([stand_in])
+    choice = {p.attribute: p.candidates[int(s.argmax())].strip()
+              for p, s in zip(probes, candidate_logprobs(model, tokenizer, probes))}
+    twins = [Person(n, *(choice[a] for a in VALUES)) for n in ("Ola", "Rik")] if names[0] not in ("Ola", "Rik") else None
+    if twins is not None:  # people who all have the stand-in's choices: a name-blind model gets every fact
+        assert name_blind(model, tokenizer, twins, completion_probes, names[:1]).accuracy == 1.0
+    result = name_blind(model, tokenizer, people, completion_probes, names)
+    expected = {(p.name, a): sum(c == getattr(p, a) for c in [
+        {q.attribute: q.candidates[int(s.argmax())].strip() for q, s in zip(
+            completion_probes([Person(n, *(getattr(people[0], b) for b in VALUES))]),
+            candidate_logprobs(model, tokenizer, completion_probes([Person(n, *(getattr(people[0], b) for b in VALUES))])))}[a]
+        for n in names]) / len(names) for p in people for a in VALUES}
+    assert result.correct == pytest.approx(expected)
+    with pytest.raises(CourseError):
+        name_blind(model, tokenizer, people, completion_probes, [people[0].name])
+    with pytest.raises(CourseError):
+        unseen_names(new_people(18, seed=0), k=3)

@@ -20,7 +20,7 @@ CORE_NOTEBOOKS = ("00", "02", "08", "09")  # the core path, about a working day 
 # A learner's minutes per notebook: reading, running and every exercise, from working each notebook through as a
 # learner would (docs/instructors.md, "Learner time per notebook", says how they were obtained).
 STUDY_MINUTES = {"00": 95, "01": 205, "02": 155, "03": 200, "04": 200, "05": 245, "06": 215, "07": 170, "08": 205,
-                 "09": 175, "10": 255, "11": 175, "12": 240, "13": 270, "14": 245, "15": 120, "16": 170}
+                 "09": 175, "10": 255, "11": 175, "12": 240, "13": 270, "14": 245, "15": 150, "16": 170}
 # What each notebook builds on (its first cells say so too); the site draws the path from it.
 PREREQUISITES = {"00": (), "01": ("00",), "02": ("00",), "03": ("01", "02"), "04": ("02",), "05": ("02",),
                  "06": ("02",), "07": ("06",), "08": ("02",), "09": ("02",), "10": ("01",), "11": ("00",),

@@ -163,6 +163,7 @@ def _pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 def rows_to_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, prefix: str = "") -> dict:
+    """Right-padded input_ids, attention_mask and completion_mask (keys prefixed by `prefix`) of prompt + completion."""
     ids = [p + c for p, c in zip(prompts, completions)]
     return {f"{prefix}input_ids": _pad_rows(ids, pad_id),
             f"{prefix}attention_mask": _pad_rows([[1] * len(i) for i in ids], 0),

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from course_utils.data import load_task
 from course_utils.errors import CourseError
-from course_utils.preference import (_KEYS, LOSS_TYPES, completion_logps, pair_order, dpo_loss, kto_loss,
-                                     kto_reference_point, preference_batch, sequence_logps, token_logps, train_dpo,
-                                     train_kto, unpaired_batch)
+from course_utils.preference import (_KEYS, LOSS_TYPES, completion_logps, dpo_loss, kto_loss, kto_reference_point,
+                                     pair_order, preference_batch, sequence_logps, token_logps, train_dpo, train_kto,
+                                     unpaired_batch)
 from course_utils.training import chat_batches, train
 
 ROWS = [

@@ -242,7 +242,7 @@ def fsdp_groups(model) -> list:
     return sorted(groups.values())
 
 
-# %% notebooks/10_scaling_out.ipynb · 5.1 · Counting what the collectives are handed, and what a rank writes
+# %% notebooks/10_scaling_out.ipynb · 5.2 · Counting what the collectives are handed, and what a rank writes
 @contextlib.contextmanager
 def counting_collectives(counter: dict):
     """Count the input bytes (and the calls) of every all-gather and reduce-scatter issued inside the block (as
@@ -280,7 +280,7 @@ def bytes_written() -> int | None:
         return None
 
 
-# %% notebooks/10_scaling_out.ipynb · 5.2 · One run, on a rank and in one process
+# %% notebooks/10_scaling_out.ipynb · 5.3 · One run, on a rank and in one process
 def rms_norm_in_own_dtype(self, hidden_states):
     """LlamaRMSNorm's formula computed in the tensor's own dtype (transformers computes it in float32 always)."""
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -324,7 +324,7 @@ def full_tensor(t) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
 
 
-# %% notebooks/10_scaling_out.ipynb · 5.2 · One run, on a rank and in one process
+# %% notebooks/10_scaling_out.ipynb · 5.3 · One run, on a rank and in one process
 def wrap_for(job: "Job", model):
     """The job's wrapping on this rank: (model, optimizer, Accelerator or None, counter of the bytes sent). The
     trap (normalise="rank mean") runs as a user's script does: DDP's own hook (it averages), FSDP's own average."""
@@ -382,7 +382,7 @@ def run_job(job: "Job") -> dict:
             "label_tokens": [label_tokens(rank_rows(b, rank, world_size)) for b in job.batches[:job.steps]]}
 
 
-# %% notebooks/10_scaling_out.ipynb · 5.2 · One run, on a rank and in one process
+# %% notebooks/10_scaling_out.ipynb · 5.3 · One run, on a rank and in one process
 def run_jobs(jobs: list) -> list:
     """Every job in turn on this rank (one launch, many runs: starting processes is the slow part). A job may also
     be a pair (function, args), run as function(*args) on every rank."""

@@ -11,7 +11,7 @@ the pieces they check are `course_utils.distributed`'s.
 # Edit the `#| export` cells there, then run `make export`.
 
 
-# %% notebooks/10_scaling_out.ipynb · 5.3 · The library's side: FSDP2 on one layer, accelerate's launcher and grouping
+# %% notebooks/10_scaling_out.ipynb · 5.4 · The library's side: FSDP2 on one layer, accelerate's launcher and grouping
 import os
 
 import torch
@@ -58,7 +58,7 @@ def zero3_linear_against_fsdp(rows: int, cols: int, tokens: int, seed: int = 0) 
                               "fsdp": fsdp_count.get("all_gather_single calls", 0)}}
 
 
-# %% notebooks/10_scaling_out.ipynb · 5.3 · The library's side: FSDP2 on one layer, accelerate's launcher and grouping
+# %% notebooks/10_scaling_out.ipynb · 5.4 · The library's side: FSDP2 on one layer, accelerate's launcher and grouping
 def accelerate_fsdp_groups(config_file: str) -> list:
     """The groups accelerate's own fsdp2_prepare_model makes of a fresh lab model under `config_file`: the plugin
     built from the environment `accelerate launch` derives from the file (mixed precision off: gloo on CPU)."""

@@ -4,7 +4,7 @@
 Windows), gives each the variables `torchrun` and `accelerate launch` set (RANK, WORLD_SIZE, MASTER_ADDR, ...),
 opens the process group (gloo on CPU, NCCL with a GPU per rank) and returns what `worker(*args)` returned on every
 rank, in rank order. `check_world_size` says, before anything starts, whether this machine can run that many ranks;
-`rank_device` is where a rank computes. Built in section 1.1 of notebooks/10_scaling_out.ipynb; the training that
+`rank_device` is where a rank computes. Built in section 5.1 of notebooks/10_scaling_out.ipynb; the training that
 runs on the ranks is `course_utils.distributed`.
 """
 
@@ -12,7 +12,7 @@ runs on the ranks is `course_utils.distributed`.
 # Edit the `#| export` cells there, then run `make export`.
 
 
-# %% notebooks/10_scaling_out.ipynb · 1.1 · What data parallelism does to one step
+# %% notebooks/10_scaling_out.ipynb · 5.1 · Starting the ranks from a notebook
 import os
 import socket
 import tempfile
@@ -63,7 +63,7 @@ def check_world_size(world_size, *, backend: str = "gloo", batch_rows: int | Non
     return world_size
 
 
-# %% notebooks/10_scaling_out.ipynb · 1.1 · What data parallelism does to one step
+# %% notebooks/10_scaling_out.ipynb · 5.1 · Starting the ranks from a notebook
 def free_port() -> int:
     """A TCP port nobody listens on, for rank 0's rendezvous."""
     with socket.socket() as s:

@@ -17,6 +17,9 @@ units with nearly equal differences are weak evidence either way; run more seeds
     cmp = paired_comparison(acc_lora, acc_full, names=("LoRA", "full"), unit="seed")
     cmp.significant, cmp.sentence()   # 'LoRA 0.62 against full 0.48: +0.14 (95% CI +0.05 to +0.23, ...)'
 
+A family of tests reads better as a table than as a paragraph: `table(family)` renders one markdown row per test
+(the two means, the paired difference, its interval, p, the per-unit count and the verdict).
+
 A page that tests several differences at once (each alpha against plain fine-tuning) treats them as one family:
 `holm(family)` adjusts the p-values with Holm's step-down method, so that the family claims a false difference
 with probability at most `alpha`, and widens every interval to Bonferroni's (level 1 - alpha/m).
@@ -209,3 +212,30 @@ def seed_claim_sentence(test: Comparison, seeds: Comparison, higher_is_better: b
     """The prompt test's sentence with seed_claim() as its verdict, and the per-seed count."""
     body = test.sentence(higher_is_better=higher_is_better).removesuffix(test.verdict(higher_is_better))
     return f"{body}{seed_claim(test, seeds, higher_is_better)} (per seed: {seeds.tally()})"
+
+
+def table(tests: Mapping, *, label: str = "test", fmt: str = ".3g", higher_is_better: bool = True,
+          verdicts: Mapping | None = None) -> str:
+    """A markdown table of comparisons (a dict name -> Comparison, e.g. holm()'s result), one row per test.
+
+    The interval and p columns are named from the tests (family-wise and Holm-adjusted after holm()); `verdicts`
+    replaces a row's verdict (e.g. 'the lower loss' wording for a loss)."""
+    if not tests or any(not isinstance(c, Comparison) for c in tests.values()):
+        raise CourseError("table() takes a non-empty dict of name -> paired_comparison(...) (or holm()'s result).")
+    first = next(iter(tests.values()))
+    same = all((c.family, c.alpha) == (first.family, first.alpha) for c in tests.values())
+    ci_head, p_head = (first.ci_label, first.p_label) if same else ("interval", "p")
+    rows = [f"| {label} | A | B | A − B | {ci_head} | {p_head} | per {first.unit} | verdict |",
+            "|---|---|---|---|---|---|---|---|"]
+    for key, c in tests.items():
+        low, high = c.shown_ci
+        interval = (f"{low:+{fmt}} to {high:+{fmt}}" + (" (clipped)" if c.clipped else "") if c.se > 0 else
+                    "none (every unit differs alike: sign test)" if c.diff else "none (no unit differs)")
+        if c.family > 1 and c.significant and c.se > 0 and low <= 0 <= high:
+            interval += " (Bonferroni's, wider than Holm's test: it can reach 0 when the test separates)"
+        name = key if isinstance(key, str) else " · ".join(map(str, key))
+        verdict = (verdicts or {}).get(key, c.verdict(higher_is_better))
+        rows.append(f"| {name} | {c.names[0]} {c.mean_a:{fmt}} | {c.names[1]} {c.mean_b:{fmt}} | {c.diff:+{fmt}} | "
+                    f"{interval}{'' if same else ' (' + c.ci_label + ')'} | {c.p_value:.2g} | "
+                    f"higher in {c.wins}, lower in {c.losses} of {c.n} | {verdict} |")
+    return "\n".join(rows)

@@ -152,3 +152,29 @@ def test_a_holm_verdict_whose_interval_reaches_zero_says_why():
     assert c.significant and c.ci[0] <= 0 <= c.ci[1], (c.p_value, c.ci)  # the case: Holm separates, Bonferroni reaches 0
     assert "more conservative than Holm's test" in c.sentence()
     assert "more conservative" not in family["strong"].sentence() and "more conservative" not in edge.sentence()
+
+
+def test_table_has_one_row_per_test_with_the_family_s_labels():
+    """Catches a table that drops a test, names a Holm family's interval as a plain 95% one, or prints a clipped
+    interval past the values' range."""
+    from course_utils.significance import holm, table
+
+    family = holm({"x": paired_comparison([1.0, 0.2, 0.9], [0.0, 0.1, 0.0], bounds=(0, 1), names=("a", "b")),
+                   ("y", "loss"): paired_comparison([0.5, 0.6, 0.7], [0.5, 0.6, 0.8], names=("a", "c"))})
+    rows = table(family, label="comparison").splitlines()
+    assert len(rows) == 2 + len(family) and rows[0].startswith("| comparison |")
+    assert "family-wise 95% CI" in rows[0] and "Holm-adjusted p (2 tests)" in rows[0]
+    assert "to +1 (clipped)" in rows[2] and "| y · loss |" in rows[3]
+    single = table({"z": paired_comparison([1, 2], [0, 1])}, verdicts={"z": "the lower loss: b"})
+    assert "| 95% CI | p |" in single and "sign test" in single and single.rstrip().endswith("the lower loss: b |")
+    edge = holm({"strong": paired_comparison([0.9, 0.95, 0.92, 0.97, 0.91], [0.1, 0.12, 0.09, 0.11, 0.1]),
+                 "edge": paired_comparison([0.578, 0.508, 0.53, 0.561, 0.52], [0.5] * 5)})
+    assert "wider than Holm's test" in table(edge).splitlines()[3]
+
+
+def test_table_refuses_what_is_not_a_family():
+    from course_utils.significance import table
+
+    for bad in ({}, {"x": 0.3}):
+        with pytest.raises(CourseError, match="non-empty dict"):
+            table(bad)

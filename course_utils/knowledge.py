@@ -24,7 +24,9 @@ from course_utils.training import collate, pad_token_id
 
 VALUES = {"city": CITIES, "pet": PETS, "color": COLORS, "food": FOODS}  # the world's value sets, 8 each
 NEW_NAMES = ("Ola", "Rik", "Nia", "Tor", "Bea", "Jun", "Pia", "Ugo", "Ines", "Omar", "Vera", "Yara",
-             "Finn", "Gus", "Hana", "Kim", "Lou", "Ned", "Ray", "Wes")  # none is one of the base's 16 names
+             "Finn", "Gus", "Hana", "Kim", "Lou", "Ned", "Ray", "Wes", "Abe", "Dov", "Sol", "Tia")  # none a base name
+MIN_UNSEEN = 4  # names every draw leaves free: the name-blind baseline's stand-ins (unseen_names)
+MAX_PEOPLE = len(NEW_NAMES) - MIN_UNSEEN
 # Sentence templates per fact; the value always ends the sentence, so the text before it is a completion prompt.
 # Template 0 is the world's own sentence (lab.world.fact_sentences), the one-phrasing documents use only it.
 PHRASINGS = {
@@ -45,9 +47,10 @@ REPHRASED_QUESTIONS = {"city": "In which city does {} live?", "pet": "Which pet 
 def new_people(n: int, seed: int) -> list[Person]:
     """n new people, names from NEW_NAMES and each fact drawn uniformly from the world's value set (so any
     fixed guess is right 1 time in 8), the same for the same seed."""
-    if not isinstance(n, int) or not 2 <= n <= len(NEW_NAMES):
-        raise CourseError(f"n={n!r} new people: choose 2 to {len(NEW_NAMES)} (NEW_NAMES has that many names), "
-                          "at least 2 so that a half can be trained and a half held out.")
+    if not isinstance(n, int) or not 2 <= n <= MAX_PEOPLE:
+        raise CourseError(f"n={n!r} new people: choose 2 to {MAX_PEOPLE} (NEW_NAMES has {len(NEW_NAMES)} names and "
+                          f"{MIN_UNSEEN} stay free for the name-blind baseline), at least 2 so that a half can be "
+                          "trained and a half held out.")
     rng = random.Random(seed)
     people = [Person(name, *(rng.choice(values) for values in VALUES.values())) for name in rng.sample(NEW_NAMES, n)]
     check_new_people(people)  # next cell
@@ -190,14 +193,15 @@ def probe(model, tokenizer, probes) -> ProbeResult:
 
 
 # %% notebooks/15_new_knowledge.ipynb · 1.3 · The probe: stored, and extractable
-def unseen_names(people, k: int = 3) -> list[str]:
-    """k names of NEW_NAMES that none of `people` has (and the base never saw): stand-ins the model never trained on."""
+def unseen_names(people, k: int | None = None) -> list[str]:
+    """The names of NEW_NAMES that none of `people` has (and the base never saw), all of them or the first k:
+    stand-ins the model never trained on. All of them (the default) make the name-blind baseline steadier."""
     taken = {p.name for p in people}
-    names = [n for n in NEW_NAMES if n not in taken][:k]
-    if len(names) < k:
-        raise CourseError(f"Only {len(names)} of NEW_NAMES are free of these {len(people)} people: ask for fewer "
-                          f"unseen names (k={k}) or draw fewer people.")
-    return names
+    names = [n for n in NEW_NAMES if n not in taken]
+    if len(names) < (MIN_UNSEEN if k is None else k):
+        raise CourseError(f"Only {len(names)} of NEW_NAMES are free of these {len(people)} people: draw at most "
+                          f"{MAX_PEOPLE} people (new_people does), or ask for fewer unseen names (k={k}).")
+    return names if k is None else names[:k]
 
 
 def name_blind(model, tokenizer, people, make_probes, names) -> ProbeResult:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from course_utils.errors import CourseError
-from course_utils.knowledge import (NEW_NAMES, PHRASINGS, VALUES, Probe, candidate_logprobs, check_new_people,
-                                    completion_probes, document_batches, documents, new_people, probe, qa_rows,
-                                    question_probes, replay_token_share)
+from course_utils.knowledge import (MAX_PEOPLE, MIN_UNSEEN, NEW_NAMES, PHRASINGS, VALUES, Probe, candidate_logprobs,
+                                    check_new_people, completion_probes, document_batches, documents, new_people,
+                                    probe, qa_rows, question_probes, replay_token_share, unseen_names)
 from course_utils.lab.world import NAMES, PEOPLE, Person
 from course_utils.models import load_model
 
@@ -25,7 +25,7 @@ def test_new_people_are_new_deterministic_and_drawn_from_the_value_sets():
     assert all(getattr(p, a) in values for p in people for a, values in VALUES.items())
 
 
-@pytest.mark.parametrize("n", [1, 0, len(NEW_NAMES) + 1, 2.5])
+@pytest.mark.parametrize("n", [1, 0, MAX_PEOPLE + 1, len(NEW_NAMES), 2.5])
 def test_bad_people_counts_raise(n):
     with pytest.raises(CourseError):
         new_people(n, seed=0)
@@ -109,12 +109,13 @@ def test_document_batches_and_replay_share(lab):
 def test_name_blind_scores_the_unseen_names_choices_against_each_person(lab):
     # Catches a baseline scored against the stand-in's own values (or the wrong person's), and unseen names that
     # overlap the people trained on.
-    from course_utils.knowledge import name_blind, unseen_names
+    from course_utils.knowledge import name_blind
 
     model, tokenizer = lab
     people = new_people(4, seed=1)
-    names = unseen_names(people)
-    assert len(names) == 3 and not set(names) & ({p.name for p in people} | set(NAMES))
+    names = unseen_names(people)  # all free names by default
+    assert len(names) == len(NEW_NAMES) - 4 and not set(names) & ({p.name for p in people} | set(NAMES))
+    assert unseen_names(people, k=3) == names[:3]
     stand_in = Person(names[0], *(getattr(people[0], a) for a in VALUES))
     probes = completion_probes([stand_in])
     choice = {p.attribute: p.candidates[int(s.argmax())].strip()
@@ -132,4 +133,12 @@ def test_name_blind_scores_the_unseen_names_choices_against_each_person(lab):
     with pytest.raises(CourseError):
         name_blind(model, tokenizer, people, completion_probes, [people[0].name])
     with pytest.raises(CourseError):
-        unseen_names(new_people(18, seed=0), k=3)
+        unseen_names(new_people(MAX_PEOPLE, seed=0), k=MIN_UNSEEN + 1)
+
+
+def test_the_most_people_leave_enough_unseen_names():
+    # Catches a cap that lets new_people take names the name-blind baseline needs (N_PEOPLE=20 used to raise there).
+    people = new_people(MAX_PEOPLE, seed=0)
+    assert len(people) == MAX_PEOPLE and len(unseen_names(people)) == MIN_UNSEEN >= 1
+    with pytest.raises(CourseError, match=str(MAX_PEOPLE)):
+        new_people(MAX_PEOPLE + 1, seed=0)

@@ -191,7 +191,8 @@ def bitfit(model: nn.Module) -> nn.Module:
 class DoRALinear(LoRALinear):
     """LoRA split into a length and a direction per output feature (Liu et al. 2024):
     W' = m * (W + s B A) / ||W + s B A||_row, m trainable and starting at ||W||_row (so W' = W at the start).
-    The norm is a constant in the backward pass (detached), as in the paper's section 4.3 and in PEFT."""
+    The norm is a constant in the backward pass, as in the paper's section 4.3 and in PEFT: it is taken from a
+    detached W', so no graph (and no saved W') is built for it."""
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float):
         super().__init__(base_layer, r, alpha)
@@ -199,7 +200,7 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base_layer.weight + self.delta_weight()
-        scale = self.magnitude / weight.norm(dim=1).detach()
+        scale = self.magnitude / weight.detach().norm(dim=1)  # detach first: the norm's op saves nothing
         out = F.linear(x, weight) * scale
         return out if self.base_layer.bias is None else out + self.base_layer.bias
 
@@ -331,8 +332,11 @@ def peft_activations(config, method: str, batch_size: int, seq_len: int, e: int 
     elif method == "norms":  # each gain saves the normalised x it multiplies, the final norm's too
         parts["layers"] = first + (sh.layers - 1) * block + sh.layers * 2 * e * t * sh.h
         parts["final_norm"] += e * t * sh.h
-    elif method == "DoRA":  # per linear W' (out x in), ||W'|| and m / ||W'|| (out each), x W'^T (t x out); the inputs
-        per_linear = sum(e * (o * i + 2 * o + t * o) for o, i in architecture(config)[1].values())
+    elif method == "DoRA":  # per linear ||W'||, m / ||W'|| (out each), x W'^T (t x out), and W' (out x in) for x's
+        # gradient, except in block 0's q, k, v (their input needs none); then the inputs of q/k/v, gate/up, down
+        linears = architecture(config)[1]
+        no_input_grad = {n for n in linears if ".layers.0." in f".{n}" and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")}
+        per_linear = sum(e * (2 * o + t * o + (0 if n in no_input_grad else o * i)) for n, (o, i) in linears.items())
         parts["layers"] = first + (sh.layers - 1) * block + per_linear + sh.layers * e * t * (2 * sh.h + sh.inter)
     elif method == "top blocks":  # nothing below the first trained block; it and those above save as in full FT
         full = Training(full=True, lora=frozenset(), rank=rank, e=e, adapter_bytes=e, attention="sdpa")

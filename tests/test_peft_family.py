@@ -151,6 +151,17 @@ def test_dora_norm_is_detached():
     torch.testing.assert_close(layer.lora_B.weight.grad, manual, atol=1e-5, rtol=1e-5)
 
 
+def test_dora_builds_no_graph_through_its_norm():
+    # On an input that needs no gradient (a first layer) nothing needs W' in backward: a norm taken on the graph and
+    # detached after would save W' (out x in) anyway, as PEFT avoids by taking it from a detached weight.
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(6, 4, bias=False), r=2, alpha=2)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        layer(torch.randn(3, 6))
+    assert tuple(layer.base_layer.weight.shape) not in saved, saved
+
+
 # ---------------------------------------------------------------- counts and choices
 
 
@@ -264,15 +275,17 @@ def test_an_untied_probe_saves_only_the_heads_input():
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     untied, batch = LlamaForCausalLM(config), unpadded_batch()
-    estimate, measured = estimate_for(untied, "linear probe", batch), measure_memory(linear_probe(untied), batch)
-    assert estimate.activations == measured.activations
-    config.tie_word_embeddings = True
-    tied = estimate_for(LlamaForCausalLM(config), "linear probe", batch)
-    assert tied.activations > 2 * estimate.activations  # the tied table makes every block save for backward
+    tied = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True}))
+    assert not heads_tied(untied) and heads_tied(tied)  # else the two measurements below are of one model
+    measured = {name: measure_memory(linear_probe(m), batch).activations for name, m in (("untied", untied), ("tied", tied))}
+    assert estimate_for(untied, "linear probe", batch).activations == measured["untied"]
+    assert estimate_for(tied, "linear probe", batch).activations == measured["tied"]
+    # Two measured steps, not the estimator against itself: the tied table makes every block save for backward.
+    assert measured["tied"] > 2 * measured["untied"]
 
 
-@pytest.mark.parametrize("method", ["prompt tuning", "prefix tuning", "IA3", "norms"])
-def test_estimated_peak_within_half_the_smallest_part(method):
+@pytest.mark.parametrize("method", ["prompt tuning", "prefix tuning", "IA3", "norms", "DoRA"])
+def test_estimated_peak_within_the_bytes_it_does_not_model(method):
     # The peak model assumes the logits' gradients are the largest short-lived tensors, as in the lab model (vocabulary
     # 653 against width 128): a vocabulary of 97 (the fixture's) leaves the peak to other moments of the step.
     torch.manual_seed(0)
@@ -287,8 +300,10 @@ def test_estimated_peak_within_half_the_smallest_part(method):
         peak = measure_peak(model, batch)
     finally:
         gc.enable()
-    smallest = min(v for k, v in estimate.as_dict().items() if v and k != "total")
-    assert abs(estimate.peak - peak) <= smallest / 2, (estimate.peak - peak, smallest)
+    # Not modelled: 8-byte 0-d tensors the graph holds (the loss's, and each DoRA layer's Python scale s, a float64);
+    # none of these methods trains the embedding, whose saved ids the batch allocated before the step.
+    scalars = 1 + sum(isinstance(m, DoRALinear) for m in model.modules())
+    assert -8 * scalars <= estimate.peak - peak <= 0, (estimate.peak - peak, scalars)
 
 
 def test_estimator_refuses_a_method_it_does_not_know(model):

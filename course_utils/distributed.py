@@ -1,6 +1,6 @@
 """Training on several processes: data parallelism by hand, DDP and FSDP, and the bytes each rank holds and sends.
 
-Built in notebooks/10_scaling_out.ipynb; `launch` (course_utils.launching) starts the ranks, and
+Built in notebooks/10_scaling_out.ipynb; `launch` (course_utils.launching, section 5.1) starts the ranks, and
 `course_utils.distributed_checks` runs the library's side of the proofs. On a laptop the ranks are CPU processes talking over gloo; on a machine
 with two or more GPUs, one process per GPU over NCCL.
 

@@ -215,27 +215,37 @@ def seed_claim_sentence(test: Comparison, seeds: Comparison, higher_is_better: b
 
 
 def table(tests: Mapping, *, label: str = "test", fmt: str = ".3g", higher_is_better: bool = True,
-          verdicts: Mapping | None = None) -> str:
+          loss: bool = False, verdicts: Mapping | None = None) -> str:
     """A markdown table of comparisons (a dict name -> Comparison, e.g. holm()'s result), one row per test.
 
-    The interval and p columns are named from the tests (family-wise and Holm-adjusted after holm()); `verdicts`
-    replaces a row's verdict (e.g. 'the lower loss' wording for a loss)."""
+    The interval and p columns are named from the tests (family-wise and Holm-adjusted after holm(); per row when
+    the rows mix families). `loss=True` words a verdict as the side with the lower value (for a loss that a method
+    may be meant to raise, lower is not "better"); `verdicts` replaces chosen rows' verdicts."""
     if not tests or any(not isinstance(c, Comparison) for c in tests.values()):
         raise CourseError("table() takes a non-empty dict of name -> paired_comparison(...) (or holm()'s result).")
     first = next(iter(tests.values()))
     same = all((c.family, c.alpha) == (first.family, first.alpha) for c in tests.values())
     ci_head, p_head = (first.ci_label, first.p_label) if same else ("interval", "p")
-    rows = [f"| {label} | A | B | A − B | {ci_head} | {p_head} | per {first.unit} | verdict |",
+    rows = [f"| {label} | A | B | A − B | {ci_head} | {p_head} | A per {first.unit} | verdict |",
             "|---|---|---|---|---|---|---|---|"]
     for key, c in tests.items():
         low, high = c.shown_ci
-        interval = (f"{low:+{fmt}} to {high:+{fmt}}" + (" (clipped)" if c.clipped else "") if c.se > 0 else
-                    "none (every unit differs alike: sign test)" if c.diff else "none (no unit differs)")
-        if c.family > 1 and c.significant and c.se > 0 and low <= 0 <= high:
-            interval += " (Bonferroni's, wider than Holm's test: it can reach 0 when the test separates)"
+        if c.se > 0:
+            interval = f"{low:+{fmt}} to {high:+{fmt}}" + (" (clipped)" if c.clipped else "")
+            interval += "" if same else f" ({c.ci_label})"
+            if c.family > 1 and c.significant and low <= 0 <= high:
+                interval += " (Bonferroni's, wider than Holm's test: it can reach 0 when the test separates)"
+        else:
+            interval = "none (every unit differs alike: sign test)" if c.diff else "none (no unit differs)"
         name = key if isinstance(key, str) else " · ".join(map(str, key))
-        verdict = (verdicts or {}).get(key, c.verdict(higher_is_better))
+        if verdicts and key in verdicts:
+            verdict = verdicts[key]
+        elif loss:
+            verdict = (f"{c.names[0] if c.diff < 0 else c.names[1]} lower" if c.significant
+                       else f"not separated by the {c.n} {c.unit}s")
+        else:
+            verdict = c.verdict(higher_is_better)
+        p_value = f"{c.p_value:.2g}" + ("" if same else f" ({c.p_label})")
         rows.append(f"| {name} | {c.names[0]} {c.mean_a:{fmt}} | {c.names[1]} {c.mean_b:{fmt}} | {c.diff:+{fmt}} | "
-                    f"{interval}{'' if same else ' (' + c.ci_label + ')'} | {c.p_value:.2g} | "
-                    f"higher in {c.wins}, lower in {c.losses} of {c.n} | {verdict} |")
+                    f"{interval} | {p_value} | higher in {c.wins}, lower in {c.losses} of {c.n} | {verdict} |")
     return "\n".join(rows)

@@ -272,8 +272,9 @@ def changes(read, before, timeout_s: float = 60) -> bool:
     return False
 
 
-def move_first_control(cell) -> str:
-    """Change the knob's first dropdown to another option, or move its first slider one step; returns which."""
+def move_first_control(cell, avoid: str | None = None) -> str:
+    """Change the knob's first dropdown to another option, or move its first slider one step; returns which.
+    `avoid`: a slider readout not to end on (a retry must not step back to the value the output was drawn for)."""
     for select in cell.locator(".widget-dropdown select").all():
         options = select.locator("option").all_inner_texts()
         current = select.input_value()
@@ -287,14 +288,19 @@ def move_first_control(cell) -> str:
     assert sliders.count(), "the knob has no dropdown with a second option and no slider: nothing a learner can move"
     slider = sliders.first
     handle, readout = slider.locator(".noUi-handle").first, slider.locator(".widget-readout").first
-    changes(readout.inner_text, "", timeout_s=10)  # a readout read before it renders is "": any key would "move" it
+    # A readout read before it renders is "": any key would seem to move it. If it never renders, the move below
+    # still happens, and the output check after it decides.
+    changes(readout.inner_text, "", timeout_s=10)
     before = readout.inner_text()
     handle.focus()
-    handle.press("ArrowRight")
-    if changes(readout.inner_text, before, timeout_s=3):
-        return "slider one step right"
-    handle.press("ArrowLeft")  # it was at its maximum
-    return "slider one step left"
+    for key in ("ArrowRight", "ArrowLeft"):  # left only when right did not move it (it was at its maximum)
+        handle.press(key)
+        if changes(readout.inner_text, before, timeout_s=3):
+            if readout.inner_text() == avoid:  # back where the output was drawn: one more step the same way
+                handle.press(key)
+                changes(readout.inner_text, avoid, timeout_s=3)
+            return f"slider one step {'right' if key == 'ArrowRight' else 'left'} (to {readout.inner_text()})"
+    return "slider did not move"
 
 
 def test_lab_shows_an_error_output_when_a_cell_fails(lab_browser, lab_server):
@@ -334,10 +340,12 @@ def check_knob(nb, name: str, index: int):
     def shown():
         return output.inner_html() if output.locator("img, pre, .jp-RenderedText").count() else before
 
+    sliders = cell.locator(".widget-slider .widget-readout, .widget-hslider .widget-readout")
+    start = sliders.first.inner_text() if sliders.count() else None  # the value the output was drawn for
     moved = move_first_control(cell)
-    changed = changes(shown, before, timeout_s=60)
+    changed = changes(shown, before, timeout_s=120)
     if not changed and moved.startswith("slider"):  # CI once saw a slider at its maximum report a step right
-        moved += ", then " + move_first_control(cell)
+        moved += ", then " + move_first_control(cell, avoid=start)
         changed = changes(shown, before, timeout_s=60)
     assert changed, f"{name}: moving the knob ({moved}) did not change its output"
     screenshot(nb.page, f"lab-{name[:2]}-knob", cell.locator(".jp-Cell-outputWrapper"))

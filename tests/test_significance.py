@@ -172,6 +172,33 @@ def test_table_has_one_row_per_test_with_the_family_s_labels():
     assert "wider than Holm's test" in table(edge).splitlines()[3]
 
 
+def test_table_rows_carry_the_comparison_s_numbers():
+    """Catches swapped means, a lost sign, swapped per-unit counts, and a verdict that ignores which side is better."""
+    from course_utils.significance import table
+
+    c = paired_comparison([1.0, 1.2, 0.9, 1.1], [2.0, 2.1, 1.5, 2.6], names=("lo", "hi"))
+    cells = [x.strip() for x in table({"t": c}).splitlines()[2].strip("|").split("|")]
+    assert cells[1] == f"lo {c.mean_a:.3g}" and cells[2] == f"hi {c.mean_b:.3g}" and cells[3] == f"{c.diff:+.3g}"
+    assert cells[3].startswith("-") and cells[6] == "higher in 0, lower in 4 of 4"
+    assert cells[7] == "hi beats lo" and table({"t": c}, higher_is_better=False).endswith("| lo beats hi |")
+    assert table({"t": c}, loss=True).endswith("| lo lower |")
+    tie = paired_comparison([1.0, 2.0], [1.0, 2.0])
+    assert table({"t": tie}, loss=True).endswith("| not separated by the 2 seeds |")
+
+
+def test_a_table_that_mixes_families_labels_each_row():
+    """Catches a table whose one 'p' column holds Holm-adjusted and raw values alike, unlabelled."""
+    from course_utils.significance import holm, table
+
+    adjusted = holm({"a": paired_comparison([1, 2, 3], [0, 1, 1.5]), "b": paired_comparison([1, 2, 3], [1, 2, 3.1])})
+    mixed = table({"holm": adjusted["a"], "raw": paired_comparison([1, 2, 3], [0, 1, 1.5]),
+                   "tie": paired_comparison([1.0, 2.0], [1.0, 2.0])}).splitlines()
+    assert "| interval | p |" in mixed[0]
+    assert "(Holm-adjusted p (2 tests))" in mixed[2] and "(family-wise 95% CI)" in mixed[2]
+    assert "(p)" in mixed[3] and "(95% CI)" in mixed[3] and "family-wise" not in mixed[3]
+    assert "none (no unit differs) |" in mixed[4]
+
+
 def test_table_refuses_what_is_not_a_family():
     from course_utils.significance import table
 

@@ -102,11 +102,35 @@ def pair_rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def score_texts(model, tokenizer, prompts, texts) -> torch.Tensor:
-    """The reward of each answer text to its prompt (a message list), tokenized as the training pairs are."""
-    pieces = [split_completion(tokenizer, p, [{"role": "assistant", "content": t}]) for p, t in zip(prompts, texts)]
+    """The reward of each answer text to its prompt (a message list), tokenized as the training pairs are. Each
+    distinct (prompt, text) is tokenized and scored once, all in one forward: sampled answers repeat."""
+    slot, firsts = {}, []  # the row of each distinct (prompt, text), and where it first occurs
+    for i, key in enumerate(zip(map(repr, prompts), texts)):
+        if key not in slot:
+            slot[key] = len(firsts)
+            firsts.append(i)
+    pieces = [split_completion(tokenizer, prompts[i], [{"role": "assistant", "content": texts[i]}]) for i in firsts]
     batch = rows_to_batch([p for p, _ in pieces], [c for _, c in pieces], training.pad_token_id(tokenizer))
     with torch.no_grad():
-        return model(batch["input_ids"], batch["attention_mask"])
+        scores = model(batch["input_ids"], batch["attention_mask"])
+    return scores[torch.tensor([slot[key] for key in zip(map(repr, prompts), texts)], dtype=torch.long)]
+
+
+def memo_scorer(reward_model, tokenizer):
+    """score_texts with a memory, for a frozen reward model: a (prompt, text) scored once is looked up after that
+    (a policy that has found what the reward model likes samples it step after step). Train the model, and the
+    memory is stale: make a new scorer."""
+    memory = {}
+
+    def score(prompts, texts) -> torch.Tensor:
+        keys = list(zip(map(repr, prompts), texts))
+        new = [i for i, key in enumerate(keys) if key not in memory]
+        if new:
+            values = score_texts(reward_model, tokenizer, [prompts[i] for i in new], [texts[i] for i in new])
+            memory.update(zip([keys[i] for i in new], values.tolist()))
+        return torch.tensor([memory[key] for key in keys])
+
+    return score
 
 
 # %% notebooks/13_reward_models.ipynb · 1.3 · Best-of-N, and what it costs in KL
@@ -232,10 +256,13 @@ def raft_examples(model, tokenizer, rows, reward_model, *, n, max_new_tokens, se
 
 # %% notebooks/13_reward_models.ipynb · 3.4 · Over-optimisation: RL against the proxy, watched by the gold rule
 def learned_reward(reward_model, tokenizer, prompt_of):
-    """A reward function for rl.train_grpo (texts, answers) -> rewards: the reward model's score of each text for
-    its prompt; train_grpo passes each example's reference answer, and prompt_of maps it back to the prompt."""
+    """A reward function for rl.train_grpo (texts, answers) -> rewards: the (frozen) reward model's score of each
+    text for its prompt, through a memo_scorer; train_grpo passes each example's reference answer, and prompt_of
+    maps it back to the prompt."""
+    score = memo_scorer(reward_model, tokenizer)
+
     def reward_fn(texts, answers):
-        return score_texts(reward_model, tokenizer, [prompt_of[a] for a in answers], texts).tolist()
+        return score([prompt_of[a] for a in answers], texts).tolist()
     return reward_fn
 
 

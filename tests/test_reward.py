@@ -7,8 +7,8 @@ import torch
 
 from course_utils.errors import CourseError
 from course_utils.reward import (CLOSING, RewardModel, best_of_n, best_of_n_kl, bradley_terry_loss, completion_values,
-                                 expected_best_of_n, gae, gold_reward, pairwise_accuracy, score_texts,
-                                 train_reward_model)
+                                 expected_best_of_n, gae, gold_reward, memo_scorer, pairwise_accuracy,
+                                 score_texts, train_reward_model)
 
 
 def test_bradley_terry_loss_by_hand():
@@ -133,6 +133,27 @@ def test_reward_model_reads_the_last_real_token(lab):
     values = completion_values(reward_model, ids[:, :2], torch.ones(1, 2, dtype=torch.long), ids[:, 2:], torch.ones(1, 2, dtype=torch.long))
     # The value before completion token t is the head at position P - 1 + t (catches an off-by-one alignment).
     torch.testing.assert_close(values, reward_model.token_values(ids, torch.ones_like(ids))[:, 1:3])
+
+
+def test_repeated_texts_are_scored_once_in_their_own_places(lab):
+    model, tokenizer = lab
+    torch.manual_seed(0)
+    reward_model = RewardModel(model).eval()
+    mia = [{"role": "user", "content": "Tell me about Mia's home."}]
+    ben = [{"role": "user", "content": "Tell me about Ben's pet."}]
+    texts = ["Mia lives in Rome.", f"Mia lives in Rome. {CLOSING}", "Ben has a cat."]
+    alone = torch.cat([score_texts(reward_model, tokenizer, [p], [t]) for p, t in zip([mia, mia, ben], texts)])
+    # Repeats and the same text under another prompt keep their own scores (catches a key on the text alone, or
+    # scores returned in the order of the distinct rows instead of the asked ones).
+    prompts, asked = [mia, ben, mia, mia, mia], [texts[0], texts[0], texts[1], texts[0], texts[1]]
+    expected = torch.cat([alone[:1], score_texts(reward_model, tokenizer, [ben], [texts[0]]), alone[1:2], alone[:1], alone[1:2]])
+    torch.testing.assert_close(score_texts(reward_model, tokenizer, prompts, asked), expected, atol=1e-5, rtol=1e-5)
+    scorer = memo_scorer(reward_model, tokenizer)
+    torch.testing.assert_close(scorer(prompts, asked), expected, atol=1e-5, rtol=1e-5)
+    # The second call finds every text in the memory and scores nothing (catches a memory that is never read).
+    reward_model.score.weight.data.add_(1.0)
+    torch.testing.assert_close(scorer([mia, ben], [texts[1], texts[0]]), torch.stack([expected[2], expected[1]]),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_a_reward_model_learns_a_preference(lab):

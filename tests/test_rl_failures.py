@@ -100,6 +100,32 @@ def test_stored_exercise_cases_are_the_oracles():
                 assert value == value2
 
 
+def test_push_cases_cover_every_branch():
+    """Exercise 1's cases: every aggregation, a capped completion (no stop token) with a non-zero advantage in every
+    batch, a closed form that equals the oracle, a wrong answer (a stop token on capped completions too) that fails,
+    and a batch whose wrong completions `grpo` and `dr_grpo` push opposite ways."""
+    module = answers_16()
+    cases = module.exercise_cases_16()["push"]
+    assert {args[3] for args, _ in cases} == {"grpo", "bnpo", "dapo", "dr_grpo"}
+
+    def closed_form(fillers, advantages, p, loss_type, cap):
+        f = torch.tensor(fillers, dtype=torch.float32)
+        stops = (f < cap - 1).float()
+        n = 1 + f + stops
+        w = {"grpo": 1 / (len(fillers) * n), "bnpo": 1 / n.sum(), "dapo": 1 / n.sum()}.get(loss_type, 1 / (len(fillers) * cap))
+        return torch.tensor(advantages) * w * (f * (1 - p) - stops * p)
+
+    for args, expected in cases:
+        fillers, advantages, _, _, cap = args
+        assert any(f == cap - 1 and a != 0 for f, a in zip(fillers, advantages))
+        torch.testing.assert_close(closed_form(*args), expected, rtol=0, atol=1e-6)
+        assert (module.continue_push(*args) - expected).abs().max() > 1e-3
+    fillers, advantages, p, cap = module.PUSH_BATCHES[1]
+    wrong = torch.tensor(advantages) < 0
+    pushes = {lt: module.measured_continue_push(fillers, advantages, p, lt, cap)[wrong].sum() for lt in ("grpo", "dr_grpo")}
+    assert pushes["grpo"] > 0 > pushes["dr_grpo"], pushes
+
+
 def test_the_wrong_credit_fails_and_a_subsequence_credit_passes():
     """The credit exercise's cases can tell a gameable or shift-blind credit from one that works."""
     module = answers_16()

@@ -1,17 +1,24 @@
 """Plausible wrong answers to notebook 16's exercises (tests/test_exercise_cells.py), and the oracle that makes the
 checks' cases (data/exercises/16_rl_failure_modes.pt; tests/test_rl_failures.py recomputes them)."""
+import math
+
 import torch
+import torch.nn.functional as F
 
 
-def sequence_push(lengths, advantages, loss_type, max_completion_length):
-    # One token's weight instead of the whole completion's: misses that the push sums over the completion's tokens.
-    n = torch.tensor(lengths, dtype=torch.float32)
+def continue_push(fillers, advantages, p_continue, loss_type, cap):
+    # Every completion ends with a stop token, the capped ones too: misses that a completion which reached the cap
+    # was cut there, with no stop token to push down.
+    f = torch.tensor(fillers, dtype=torch.float32)
     a = torch.as_tensor(advantages, dtype=torch.float32)
+    n = 2 + f
     if loss_type == "grpo":
-        return a / (len(lengths) * n)
-    if loss_type in ("bnpo", "dapo"):
-        return a / n.sum()
-    return a / (len(lengths) * max_completion_length)
+        w = 1 / (len(fillers) * n)
+    elif loss_type in ("bnpo", "dapo"):
+        w = 1 / n.sum()
+    else:
+        w = 1 / (len(fillers) * cap)
+    return a * w * (f * (1 - p_continue) - p_continue)
 
 
 def credit(text, answer):
@@ -24,17 +31,27 @@ def credit(text, answer):
 # ---- The oracle.
 
 
-def measured_push(lengths, advantages, loss_type, max_completion_length):
-    """-d loss / d s_i, where s_i is added to the log-prob of every token of completion i, by autograd through
-    policy_loss at ratio 1."""
+def measured_continue_push(fillers, advantages, p_continue, loss_type, cap):
+    """Per completion, -d loss / d c_i by autograd through policy_loss at ratio 1, on section 2.2's control: an
+    answer token, then `fillers` continue tokens (log sigmoid(c_i)) and a stop token (log sigmoid(-c_i)) unless the
+    completion reached `cap` tokens; every c_i at logit(p_continue)."""
     from course_utils.rl import policy_loss
-    width = max(lengths)
-    mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
-    shift = torch.zeros(len(lengths), requires_grad=True)
-    logps = shift[:, None] * mask
-    loss, _ = policy_loss(logps, logps.detach(), advantages, mask, loss_type=loss_type,
-                          max_completion_length=max_completion_length)
-    return -torch.autograd.grad(loss, shift)[0]
+    c = torch.full((len(fillers),), math.log(p_continue / (1 - p_continue)), requires_grad=True)
+    f = torch.tensor(fillers)
+    n = 1 + f + (f < cap - 1).long()
+    pos = torch.arange(cap)
+    go, stop = F.logsigmoid(c)[:, None], F.logsigmoid(-c)[:, None]
+    logps = torch.where(pos == 0, torch.tensor(-1.0), torch.where(pos <= f[:, None], go, stop))
+    loss, _ = policy_loss(logps, logps.detach(), torch.as_tensor(advantages, dtype=torch.float32),
+                          (pos < n[:, None]).float(), loss_type=loss_type, max_completion_length=cap)
+    return -torch.autograd.grad(loss, c)[0]
+
+
+# (fillers, advantages, p_continue, cap), each with a capped completion of non-zero advantage. The second is the
+# batch Exercise 1's question names: on its wrong completions `grpo` and `dr_grpo` push the stop decision opposite ways.
+PUSH_BATCHES = (([0, 0, 2, 7], [1.5, -0.5, -0.5, -0.5], 0.5, 8),
+                ([7, 0, 0, 4], [1.5, -0.5, -0.5, -0.5], 0.5, 8),
+                ([5, 5, 2], [0.5, -1.0, 0.5], 0.8, 6))
 
 
 def credit_case(answer):
@@ -57,12 +74,8 @@ def credit_case(answer):
 
 def exercise_cases_16() -> dict:
     """{'push', 'credit'}: lists of (arguments, expected value) for the two checks."""
-    push = []
-    for lengths, advantages, cap in (([3, 1, 5], [-1.0, 0.5, -1.0], 6), ([2, 6], [1.0, 1.0], 8),
-                                     ([4, 1, 1, 2], [-0.5, -0.5, 1.5, -0.5], 8)):
-        advantages = torch.tensor(advantages)
-        push += [((lengths, advantages, loss_type, cap), measured_push(lengths, advantages, loss_type, cap))
-                 for loss_type in ("grpo", "bnpo", "dapo", "dr_grpo")]
+    push = [((fillers, advantages, p, loss_type, cap), measured_continue_push(fillers, advantages, p, loss_type, cap))
+            for fillers, advantages, p, cap in PUSH_BATCHES for loss_type in ("grpo", "bnpo", "dapo", "dr_grpo")]
     cases = []
     for answer in ("1 3 5 8", "0 2 4 7 9", "2 6 7 9"):
         answer, attacks, near, nothing = credit_case(answer)

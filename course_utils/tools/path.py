@@ -16,7 +16,9 @@ dives' cells collapsed in JupyterLab, and the site shows each page's place on th
 import re
 from dataclasses import dataclass
 
-CORE_NOTEBOOKS = ("00", "02", "08", "09")  # the core path, about a working day (README, "How long it takes")
+# The core path, in the order to take it: the tour, then fine-tuning itself (SFT), LoRA, preference tuning and
+# what a fine-tune forgets (README, "How long it takes"). The numbers are the notebooks' names, not the order.
+CORE_NOTEBOOKS = ("00", "11", "02", "08", "09")
 # A learner's minutes per notebook: reading, running and every exercise, from working each notebook through as a
 # learner would (docs/instructors.md, "Learner time per notebook", says how they were obtained).
 STUDY_MINUTES = {"00": 95, "01": 205, "02": 155, "03": 200, "04": 200, "05": 245, "06": 215, "07": 170, "08": 205,

@@ -104,7 +104,7 @@ def path_html(stems: list[str]) -> str:
         first = ", ".join(PREREQUISITES.get(number, ())) or "nothing"
         return (f'<li><a href="{stem}.html">{number} {html.escape(title)}</a> · about {STUDY_MINUTES.get(number, "?")}'
                 f" min · read first: {first}</li>")
-    core = [s for s in stems if s[:2] in CORE_NOTEBOOKS]
+    core = sorted((s for s in stems if s[:2] in CORE_NOTEBOOKS), key=lambda s: CORE_NOTEBOOKS.index(s[:2]))  # path order
     deep = [s for s in stems if s[:2] not in CORE_NOTEBOOKS]
     return ("<h2>The path</h2><p>Start with the <b>core path</b> (about a working day): in each notebook take its core "
             "sections (listed in its opening cell) and its easier exercises. Then the <b>deep dives</b>, in any order "

@@ -94,4 +94,8 @@ def test_readme_marks_the_same_core_notebooks():
 
     readme = (REPO_ROOT / "README.md").read_text()
     marked = tuple(m.group(1) for m in re.finditer(r"^\| (\d\d) \| \[[^]]*\]\([^)]*\) \(core\)", readme, re.M))
-    assert marked == path.CORE_NOTEBOOKS
+    assert sorted(marked) == sorted(path.CORE_NOTEBOOKS)  # the table is in number order
+    # ... and the sentence that gives the path names them in the path's order (11, SFT, comes right after 00)
+    said = re.search(r"The \*\*core path\*\*[^.]*?:((?:[^.]|\.\d)*)", readme)
+    assert said, "README: the core path sentence ('The **core path** ...: 00 (...), 11 (...), ...') is missing"
+    assert tuple(re.findall(r"\b(\d\d)\s+\(", said.group(1))) == path.CORE_NOTEBOOKS, said.group(1)

@@ -120,6 +120,9 @@ def memo_scorer(reward_model, tokenizer):
     """score_texts with a memory, for a frozen reward model: a (prompt, text) scored once is looked up after that
     (a policy that has found what the reward model likes samples it step after step). Train the model, and the
     memory is stale: make a new scorer."""
+    if any(p.requires_grad for p in reward_model.parameters()):
+        raise CourseError("memo_scorer remembers scores, so its reward model must be frozen: train it first, then "
+                          "reward_model.requires_grad_(False) (trained_reward_model returns it frozen).")
     memory = {}
 
     def score(prompts, texts) -> torch.Tensor:

@@ -147,13 +147,26 @@ def test_repeated_texts_are_scored_once_in_their_own_places(lab):
     # scores returned in the order of the distinct rows instead of the asked ones).
     prompts, asked = [mia, ben, mia, mia, mia], [texts[0], texts[0], texts[1], texts[0], texts[1]]
     expected = torch.cat([alone[:1], score_texts(reward_model, tokenizer, [ben], [texts[0]]), alone[1:2], alone[:1], alone[1:2]])
+    # Each distinct (prompt, text) goes through the model once: 3 rows for the 5 asked (catches a scorer that runs
+    # every row, the cost 013's budget removed).
+    rows = []
+    hook = reward_model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     torch.testing.assert_close(score_texts(reward_model, tokenizer, prompts, asked), expected, atol=1e-5, rtol=1e-5)
+    assert rows == [3], rows
+    with pytest.raises(CourseError, match="must be frozen"):  # a memory of a model that still trains goes stale
+        memo_scorer(reward_model, tokenizer)
+    reward_model.requires_grad_(False)
     scorer = memo_scorer(reward_model, tokenizer)
+    rows.clear()
     torch.testing.assert_close(scorer(prompts, asked), expected, atol=1e-5, rtol=1e-5)
+    assert rows == [3], rows
     # The second call finds every text in the memory and scores nothing (catches a memory that is never read).
     reward_model.score.weight.data.add_(1.0)
+    rows.clear()
     torch.testing.assert_close(scorer([mia, ben], [texts[1], texts[0]]), torch.stack([expected[2], expected[1]]),
                                atol=1e-5, rtol=1e-5)
+    assert rows == [], rows  # no forward at all on the second call
+    hook.remove()
 
 
 def test_a_reward_model_learns_a_preference(lab):

@@ -264,3 +264,18 @@ def original_texts(seed: int = 0):
 
     for doc in pretraining_stream(seed):
         yield doc["text"] if "text" in doc else chatml_text(doc["messages"])
+
+
+# %% notebooks/15_new_knowledge.ipynb · 3.6 · New names as tokens
+def adam_step_bound(t: int, betas=(0.9, 0.999)) -> float:
+    """The most one Adam(W) step t (from 1) can move a coordinate, in units of its learning rate, with torch's bias
+    correction and weight decay left out: |m_hat| / sqrt(v_hat) <= c_t, whatever the gradients. By Cauchy-Schwarz,
+    c_t = (1 - b1) / (1 - b1^t) * sqrt((1 - b2^t) / (1 - b2)) * sqrt((1 - r^t) / (1 - r)), r = b1^2 / b2 (1 at
+    t = 1; tends to (1 - b1) / sqrt((1 - b2) (1 - r)), 7.27 for torch's defaults). Equality holds for gradients
+    g_s proportional to (b1 / b2)^(t - s); eps only makes a step smaller. Needs b1^2 < b2."""
+    b1, b2 = betas
+    if t < 1 or not 0 <= b1 < 1 or not 0 < b2 < 1 or b1 * b1 >= b2:
+        raise CourseError(f"adam_step_bound(t={t}, betas={betas}): t counts steps from 1, and the betas need "
+                          "0 <= b1 < 1, 0 < b2 < 1 and b1^2 < b2 (torch's defaults are (0.9, 0.999)).")
+    r = b1 * b1 / b2
+    return (1 - b1) / (1 - b1 ** t) * ((1 - b2 ** t) / (1 - b2)) ** 0.5 * ((1 - r ** t) / (1 - r)) ** 0.5

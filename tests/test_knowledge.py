@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from course_utils.errors import CourseError
-from course_utils.knowledge import (MAX_PEOPLE, MIN_UNSEEN, NEW_NAMES, PHRASINGS, VALUES, Probe, candidate_logprobs,
+from course_utils.knowledge import (MAX_PEOPLE, MIN_UNSEEN, NEW_NAMES, PHRASINGS, VALUES, Probe, adam_step_bound,
+                                    candidate_logprobs,
                                     check_new_people, completion_probes, document_batches, documents, new_people,
                                     probe, qa_rows, question_probes, replay_token_share, unseen_names)
 from course_utils.lab.world import NAMES, PEOPLE, Person
@@ -142,3 +143,41 @@ def test_the_most_people_leave_enough_unseen_names():
     assert len(people) == MAX_PEOPLE and len(unseen_names(people)) == MIN_UNSEEN >= 1
     with pytest.raises(CourseError, match=str(MAX_PEOPLE)):
         new_people(MAX_PEOPLE + 1, seed=0)
+
+
+def _adamw_steps(grads, betas=(0.9, 0.999)):
+    """The change of one coordinate at each step of torch's AdamW (lr 1, no decay, eps 0) fed these gradients."""
+    x = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.AdamW([x], lr=1.0, betas=betas, eps=0.0, weight_decay=0.0)
+    changes = []
+    for g in grads:
+        before = x.detach().clone()
+        x.grad = torch.tensor([float(g)], dtype=torch.float64)
+        opt.step()
+        changes.append(abs(float(x.detach() - before)))
+    return changes
+
+
+@pytest.mark.parametrize("t", [1, 2, 20, 80])
+def test_adam_step_bound_is_reached_by_torch_and_never_passed(t):
+    # Catches a bound without bias correction or with the wrong r: the built sequence g_s = (b1/b2)^(t-s) is the
+    # Cauchy-Schwarz equality case, so torch's step t equals c_t; random sequences stay under it at every step.
+    b1, b2 = 0.9, 0.999
+    built = [(b1 / b2) ** (t - s) for s in range(1, t + 1)]
+    assert _adamw_steps(built)[-1] == pytest.approx(adam_step_bound(t, (b1, b2)), rel=1e-9)
+    generator = torch.Generator().manual_seed(t)
+    for _ in range(20):
+        grads = (torch.randn(t, generator=generator, dtype=torch.float64)
+                 * torch.rand(t, generator=generator, dtype=torch.float64) ** 4).tolist()
+        changes = _adamw_steps(grads)
+        assert all(change <= adam_step_bound(s, (b1, b2)) * (1 + 1e-9) for s, change in enumerate(changes, 1))
+
+
+def test_adam_step_bound_values_and_bad_input():
+    # Catches a slip in the formula's shape: 1 at the first step, 2.02 at 80 and 7.27 in the limit for (0.9, 0.999).
+    assert adam_step_bound(1) == pytest.approx(1.0)
+    assert adam_step_bound(80) == pytest.approx(2.0168, abs=1e-4)
+    assert adam_step_bound(100_000) == pytest.approx(0.1 / (0.001 * (1 - 0.81 / 0.999)) ** 0.5, rel=1e-6)
+    for t, betas in ((0, (0.9, 0.999)), (5, (0.9, 0.5)), (5, (1.0, 0.999))):
+        with pytest.raises(CourseError, match="betas"):
+            adam_step_bound(t, betas)

@@ -7,7 +7,7 @@ from course_utils.knowledge import VALUES, Probe
 
 
 def above_chance_p(k, n, chance):
-    # "More than k" instead of "at least k": the upper tail starts one too far, sf(k) rather than sf(k - 1).
+    # "More than k" instead of "at least k": the tail it sums starts one value too far.
     if not 0 < chance < 1 or not 0 <= k <= n:
         raise CourseError("k must be in 0..n and chance in (0, 1).")
     return float(stats.binom.sf(k, n, chance))

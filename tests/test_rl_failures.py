@@ -101,9 +101,13 @@ def test_stored_exercise_cases_are_the_oracles():
 
 
 def test_push_cases_cover_every_branch():
-    """Exercise 1's cases: every aggregation, a capped completion (no stop token) with a non-zero advantage in every
-    batch, a closed form that equals the oracle, a wrong answer (a stop token on capped completions too) that fails,
-    and a batch whose wrong completions `grpo` and `dr_grpo` push opposite ways."""
+    """Exercise 1's cases: every aggregation, a batch with a capped completion (no stop token) of non-zero advantage,
+    a batch where no completion reached the cap, a batch with zero advantages, a closed form that equals the oracle;
+    three plausible wrong answers fail the check (a stop token on capped completions too, dr_grpo's L taken as the
+    longest completion, the zero-advantage completions left out of B and the token count); the question's batch is
+    not among the stored cases, and on it `grpo` and `dr_grpo` push the wrong completions opposite ways."""
+    from course_utils.exercises import check_exercise
+
     module = answers_16()
     cases = module.exercise_cases_16()["push"]
     assert {args[3] for args, _ in cases} == {"grpo", "bnpo", "dapo", "dr_grpo"}
@@ -115,15 +119,27 @@ def test_push_cases_cover_every_branch():
         w = {"grpo": 1 / (len(fillers) * n), "bnpo": 1 / n.sum(), "dapo": 1 / n.sum()}.get(loss_type, 1 / (len(fillers) * cap))
         return torch.tensor(advantages) * w * (f * (1 - p) - stops * p)
 
+    capped = lambda fillers, advantages, cap: any(f == cap - 1 and a != 0 for f, a in zip(fillers, advantages))
+    batches = [(args[0], args[1], args[4]) for args, _ in cases]
+    assert any(capped(*batch) for batch in batches)  # catches a check blind to the missing stop token
+    assert any(max(fillers) < cap - 2 for fillers, _, cap in batches)  # the longest completion shorter than the cap
+    assert any(0 in advantages for _, advantages, _ in batches)  # a silent completion still counts in B
     for args, expected in cases:
-        fillers, advantages, _, _, cap = args
-        assert any(f == cap - 1 and a != 0 for f, a in zip(fillers, advantages))
         torch.testing.assert_close(closed_form(*args), expected, rtol=0, atol=1e-6)
-        assert (module.continue_push(*args) - expected).abs().max() > 1e-3
-    fillers, advantages, p, cap = module.PUSH_BATCHES[1]
+    for wrong in (module.continue_push, module.continue_push_batch_width, module.continue_push_drops_silent):
+        with pytest.raises(AssertionError):  # catches cases that let this plausible wrong answer pass
+            check_exercise(wrong, cases, atol=1e-6)
+    assert check_exercise(lambda *args: closed_form(*args), cases, atol=1e-6)
+    stated = module.STATED_BATCH
+    key = lambda fillers, advantages: sorted(zip(fillers, advantages))
+    # catches the question's answer being readable from the stored cases (the same batch, in any order)
+    assert all(key(f, a) != key(stated[0], stated[1]) for f, a, _ in batches)
+    fillers, advantages, p, cap = stated
     wrong = torch.tensor(advantages) < 0
     pushes = {lt: module.measured_continue_push(fillers, advantages, p, lt, cap)[wrong].sum() for lt in ("grpo", "dr_grpo")}
     assert pushes["grpo"] > 0 > pushes["dr_grpo"], pushes
+    torch.testing.assert_close(closed_form(fillers, advantages, p, "grpo", cap),
+                               module.measured_continue_push(fillers, advantages, p, "grpo", cap), rtol=0, atol=1e-6)
 
 
 def test_the_wrong_credit_fails_and_a_subsequence_credit_passes():

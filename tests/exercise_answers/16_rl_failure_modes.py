@@ -21,6 +21,39 @@ def continue_push(fillers, advantages, p_continue, loss_type, cap):
     return a * w * (f * (1 - p_continue) - p_continue)
 
 
+def continue_push_batch_width(fillers, advantages, p_continue, loss_type, cap):
+    # dr_grpo's L taken as the batch's longest completion instead of the cap: right only in a batch where some
+    # completion reached the cap (then the longest is `cap` tokens long).
+    f = torch.tensor(fillers, dtype=torch.float32)
+    a = torch.as_tensor(advantages, dtype=torch.float32)
+    stops = (f < cap - 1).float()
+    n = 1 + f + stops
+    if loss_type == "grpo":
+        w = 1 / (len(fillers) * n)
+    elif loss_type in ("bnpo", "dapo"):
+        w = 1 / n.sum()
+    else:
+        w = 1 / (len(fillers) * n.max())
+    return a * w * (f * (1 - p_continue) - stops * p_continue)
+
+
+def continue_push_drops_silent(fillers, advantages, p_continue, loss_type, cap):
+    # The completions with a zero advantage (a silent group, section 2.1's `informative` mask) left out of B and of
+    # the token count: they get no gradient, but the loss still divides by them.
+    f = torch.tensor(fillers, dtype=torch.float32)
+    a = torch.as_tensor(advantages, dtype=torch.float32)
+    kept = (a != 0).float()
+    stops = (f < cap - 1).float()
+    n = 1 + f + stops
+    if loss_type == "grpo":
+        w = 1 / (kept.sum() * n)
+    elif loss_type in ("bnpo", "dapo"):
+        w = 1 / (n * kept).sum()
+    else:
+        w = 1 / (kept.sum() * cap)
+    return a * w * (f * (1 - p_continue) - stops * p_continue)
+
+
 def credit(text, answer):
     # Items in their right place over the longer list (section 1.2's position_credit): a missing first item shifts
     # every later one, so "3 5 8" for "1 3 5 8" scores 0, no more than a completion with nothing right.
@@ -47,11 +80,16 @@ def measured_continue_push(fillers, advantages, p_continue, loss_type, cap):
     return -torch.autograd.grad(loss, c)[0]
 
 
-# (fillers, advantages, p_continue, cap), each with a capped completion of non-zero advantage. The second is the
-# batch Exercise 1's question names: on its wrong completions `grpo` and `dr_grpo` push the stop decision opposite ways.
+# (fillers, advantages, p_continue, cap): a capped completion with a non-zero advantage (the first two), none that
+# reached the cap (the third and fourth: the longest completion is shorter than `cap`), and a silent pair with zero
+# advantages (the fourth: they get no gradient, yet count in B and in the token count).
 PUSH_BATCHES = (([0, 0, 2, 7], [1.5, -0.5, -0.5, -0.5], 0.5, 8),
-                ([7, 0, 0, 4], [1.5, -0.5, -0.5, -0.5], 0.5, 8),
-                ([5, 5, 2], [0.5, -1.0, 0.5], 0.8, 6))
+                ([5, 5, 2], [0.5, -1.0, 0.5], 0.8, 6),
+                ([1, 3, 0, 2], [-0.5, 1.5, -0.5, -0.5], 0.3, 8),
+                ([2, 5, 1, 3], [0.0, 0.0, 1.0, -1.0], 0.6, 8))
+# The batch Exercise 1's question names, kept out of the stored cases (its answer would be readable from them): on its
+# wrong completions `grpo` and `dr_grpo` push the stop decision opposite ways (tests/test_rl_failures.py).
+STATED_BATCH = ([7, 0, 0, 4], [1.5, -0.5, -0.5, -0.5], 0.5, 8)
 
 
 def credit_case(answer):

@@ -194,6 +194,14 @@ def holm(tests: Mapping, alpha: float | None = None) -> dict:
     return {key: adjusted[key] for key in tests}
 
 
+def seed_claimed(test: Comparison, seeds: Comparison, higher: bool = True) -> bool:
+    """Whether a page may state `test` (paired by prompt or fact) as a finding that A is higher (`higher`) or lower
+    than B: the test separates them that way, and every seed of `seeds` (the seeds' means paired) goes that way too.
+    seed_claim's condition, for a sentence that branches on it."""
+    return test.significant and test.diff != 0 and (test.diff > 0) == higher and \
+        (seeds.wins if higher else seeds.losses) == seeds.n
+
+
 def seed_claim(test: Comparison, seeds: Comparison, higher_is_better: bool = True) -> str:
     """The verdict of a test paired by prompt, as a claim about these runs only when every seed goes its way.
 

@@ -205,3 +205,14 @@ def test_table_refuses_what_is_not_a_family():
     for bad in ({}, {"x": 0.3}):
         with pytest.raises(CourseError, match="non-empty dict"):
             table(bad)
+
+
+def test_seed_claimed_needs_the_test_and_every_seed():
+    """Catches a branch that states a finding the prompt test supports but a seed contradicts (or the reverse)."""
+    from course_utils.significance import seed_claimed
+
+    up = paired_comparison([0.9, 0.8, 1.0, 0.9, 0.95, 0.85], [0.1, 0.2, 0.1, 0.0, 0.15, 0.1], unit="prompt")
+    agree, split = paired_comparison([0.7, 0.8, 0.9], [0.5, 0.6, 0.7]), paired_comparison([0.7, 0.5, 0.9], [0.5, 0.6, 0.7])
+    assert seed_claimed(up, agree) and not seed_claimed(up, agree, higher=False)
+    assert not seed_claimed(up, split)  # one seed goes the other way
+    assert not seed_claimed(paired_comparison([0.5, 0.6], [0.5, 0.6], unit="prompt"), agree)  # no difference

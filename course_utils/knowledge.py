@@ -13,6 +13,7 @@ computed from the model's own loss, one candidate at a time.
 # %% notebooks/15_new_knowledge.ipynb · 1.1 · New people, new facts
 import itertools
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -142,13 +143,16 @@ def question_probes(tokenizer, people, questions=FACT_QUESTIONS, *, context: boo
 # %% notebooks/15_new_knowledge.ipynb · 1.3 · The probe: stored, and extractable
 @torch.no_grad()
 def candidate_logprobs(model, tokenizer, probes, *, batch_size: int = 512) -> list[torch.Tensor]:
-    """log p(candidate | prompt), summed over the candidate's tokens, for every candidate of every probe."""
-    rows = []  # (token ids of prompt + candidate, where the candidate starts)
+    """log p(candidate | prompt), summed over the candidate's tokens, for every candidate of every probe. A probe
+    whose candidates are all one token is one row, the prompt alone: its last position scores every candidate."""
+    rows, plan = [], []  # rows: (token ids, where the candidate starts); plan: (first row, one-token ids or a count)
     for probe in probes:
         prompt = tokenizer(probe.prompt, add_special_tokens=False)["input_ids"]
-        rows += [(prompt + tokenizer(c, add_special_tokens=False)["input_ids"], len(prompt)) for c in probe.candidates]
+        cands = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in probe.candidates]
+        plan.append((len(rows), [c[0] for c in cands] if all(len(c) == 1 for c in cands) else len(cands)))
+        rows += [(prompt, len(prompt))] if isinstance(plan[-1][1], list) else [(prompt + c, len(prompt)) for c in cands]
     device, pad = next(model.parameters()).device, tokenizer.pad_token_id or 0
-    scores = []
+    sums, nexts = [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
@@ -156,16 +160,14 @@ def candidate_logprobs(model, tokenizer, probes, *, batch_size: int = 512) -> li
         lengths = torch.tensor([len(r) for r, _ in chunk], device=device)
         begins = torch.tensor([b for _, b in chunk], device=device)
         attention = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
-        logp = model(input_ids=ids, attention_mask=attention).logits.float().log_softmax(-1)
-        token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # position t scores token t + 1
+        logits = model(input_ids=ids, attention_mask=attention).logits
         target = torch.arange(1, width, device=device)[None]
-        scored = (target >= begins[:, None]) & (target < lengths[:, None])  # the candidate's tokens only
-        scores.append((token_logp * scored).sum(1))
-    flat, out, at = torch.cat(scores), [], 0
-    for probe in probes:
-        out.append(flat[at:at + len(probe.candidates)].cpu())
-        at += len(probe.candidates)
-    return out
+        row, at = ((target >= begins[:, None]) & (target < lengths[:, None])).nonzero(as_tuple=True)
+        token_logp = logits[row, at].float().log_softmax(-1).gather(-1, ids[row, at + 1, None])[:, 0]  # at scores at + 1
+        sums.append(torch.zeros(len(chunk), device=device).index_add_(0, row, token_logp).cpu())
+        nexts.append(logits[torch.arange(len(chunk), device=device), begins - 1].float().log_softmax(-1).cpu())
+    sums, nexts = torch.cat(sums), torch.cat(nexts)  # nexts: what follows each row's prompt
+    return [nexts[first][torch.tensor(how)] if isinstance(how, list) else sums[first:first + how] for first, how in plan]
 
 
 @dataclass
@@ -264,6 +266,35 @@ def original_texts(seed: int = 0):
 
     for doc in pretraining_stream(seed):
         yield doc["text"] if "text" in doc else chatml_text(doc["messages"])
+
+
+# %% notebooks/15_new_knowledge.ipynb · 3.5 · Fine-tune, or put it in the prompt?
+def named_value(text: str, candidates) -> int | None:
+    """The index of the one candidate that a free answer names as a whole word (any case); None when it names none
+    or several ("Riga or Oslo" is no answer, "Rigatoni" is not Riga)."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    named = [i for i, c in enumerate(candidates) if c.strip().lower() in words]
+    return named[0] if len(named) == 1 else None
+
+
+@torch.no_grad()
+def greedy_probe(model, tokenizer, probes, *, max_new_tokens: int = 6) -> tuple[ProbeResult, list[str]]:
+    """Score probes by the model's greedy answer to each prompt (all in one left-padded batch): 1 when the answer
+    names the true value and no other (`named_value`). For a chat model that answers in sentences. Chance is not
+    1/|V| here (an answer may name nothing), so ProbeResult.chance is nan: compare with the model asked without
+    the facts. Returns the result and the answers."""
+    if not probes:
+        raise CourseError("greedy_probe got no probes: build them with question_probes.")
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues every prompt's last token
+    try:
+        batch = tokenizer([p.prompt for p in probes], return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    batch = batch.to(next(model.parameters()).device)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tokenizer))
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    correct = {(p.person, p.attribute): int(named_value(t, p.candidates) == p.answer) for p, t in zip(probes, texts)}
+    return ProbeResult(correct, float("nan")), texts
 
 
 # %% notebooks/15_new_knowledge.ipynb · 3.6 · New names as tokens

@@ -181,3 +181,31 @@ def test_adam_step_bound_values_and_bad_input():
     for t, betas in ((0, (0.9, 0.999)), (5, (0.9, 0.5)), (5, (1.0, 0.999))):
         with pytest.raises(CourseError, match="betas"):
             adam_step_bound(t, betas)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Riga", 1), ("Finn lives in Riga.", 1), ("riga", 1),
+    ("Riga or Oslo", None),  # two values named: no single answer
+    ("Rigatoni", None),  # a word that contains a value is not the value
+    ("Finn is a curious and", None), ("", None),
+])
+def test_named_value_takes_one_whole_word_value(text, expected):
+    # Catches substring matching (which counts "Rigatoni" as Riga) and an answer naming two values scored as right.
+    from course_utils.knowledge import named_value
+    assert named_value(text, ("Oslo", "Riga", "Lima")) == expected
+
+
+def test_greedy_probe_scores_answers_and_restores_padding(lab):
+    # Catches a batch padded on the right for generation (the answers would continue the padding), a padding side
+    # left changed for the caller, and answers scored against the wrong probe; bad input raises.
+    from course_utils.knowledge import greedy_probe
+    model, tokenizer = lab
+    side = tokenizer.padding_side
+    probes = question_probes(tokenizer, PEOPLE[:4])  # the base answers its own people's facts (the card's skill)
+    result, answers = greedy_probe(model, tokenizer, probes)
+    assert tokenizer.padding_side == side and len(answers) == len(probes)
+    assert result.accuracy > 0.9, list(zip(answers, probes))
+    swapped = [Probe(p.person, p.attribute, p.prompt, p.candidates, (p.answer + 1) % len(p.candidates)) for p in probes]
+    assert greedy_probe(model, tokenizer, swapped)[0].accuracy < 0.1
+    with pytest.raises(CourseError):
+        greedy_probe(model, tokenizer, [])

@@ -233,12 +233,18 @@ def preference_pool(model, tokenizer, rows, *, samples, temperature, max_new_tok
 
 # %% notebooks/13_reward_models.ipynb · 3.2 · Reward models against DPO's implicit reward
 @torch.no_grad()
-def implicit_rewards(policy, reference, batch, *, beta=0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def implicit_rewards(policy, reference, batch, *, beta=0.1, reference_logps=None) -> tuple[torch.Tensor, torch.Tensor]:
     """DPO's implicit reward of every pair of a preference_batch, beta * (log pi - log pi_ref) summed over the
-    answer: (chosen, rejected)."""
+    answer: (chosen, rejected). reference_logps: the reference's completion_logps of this batch, if already
+    computed (they do not depend on the policy: one forward serves every policy scored on the same pairs)."""
     from course_utils.preference import completion_logps
     keys = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    return (beta * (completion_logps(policy, *keys) - completion_logps(reference, *keys))).chunk(2)
+    if reference_logps is None:
+        reference_logps = completion_logps(reference, *keys)
+    elif reference_logps.shape != (len(batch["input_ids"]),):
+        raise CourseError(f"reference_logps has shape {tuple(reference_logps.shape)}: give one summed log-prob per "
+                          f"row of the batch ({len(batch['input_ids'])}), the reference's completion_logps of it.")
+    return (beta * (completion_logps(policy, *keys) - reference_logps)).chunk(2)
 
 
 def pairwise_accuracy(chosen, rejected) -> float:

@@ -7,8 +7,8 @@ import torch
 
 from course_utils.errors import CourseError
 from course_utils.reward import (CLOSING, RewardModel, best_of_n, best_of_n_kl, bradley_terry_loss, completion_values,
-                                 expected_best_of_n, gae, gold_reward, memo_scorer, pairwise_accuracy,
-                                 score_texts, train_reward_model)
+                                 expected_best_of_n, gae, gold_reward, implicit_rewards, memo_scorer,
+                                 pairwise_accuracy, score_texts, train_reward_model)
 
 
 def test_bradley_terry_loss_by_hand():
@@ -180,6 +180,30 @@ def test_a_reward_model_learns_a_preference(lab):
     losses = train_reward_model(reward_model, preference_batch(tokenizer, rows), steps=8, lr=1e-3, batch_size=4)
     # Catches a loop whose loss does not fall: chosen and rejected swapped, or no optimizer step.
     assert losses[-1] < losses[0] < 1.0
+
+
+def test_implicit_rewards_take_the_reference_logps_once_computed(lab):
+    import copy
+
+    from course_utils.preference import completion_logps, preference_batch
+    model, tokenizer = lab
+    prompt = [{"role": "user", "content": "Tell me about Mia's home."}]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": f"Mia lives in Rome. {CLOSING}"}],
+             "rejected": [{"role": "assistant", "content": text}]} for text in ("Mia lives in Rome.", "Rome")]
+    batch = preference_batch(tokenizer, rows)
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        reference = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    # The reference's log-probs passed in give the rewards computed from the reference itself (catches them
+    # subtracted from the wrong rows, or the policy's log-probs used twice).
+    fresh, given = implicit_rewards(policy, model, batch), implicit_rewards(policy, model, batch, reference_logps=reference)
+    for a, b in zip(fresh, given):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(fresh[0], torch.zeros_like(fresh[0]))  # the policy differs from its reference
+    with pytest.raises(CourseError, match="one summed log-prob per row"):  # one per pair, not per row
+        implicit_rewards(policy, model, batch, reference_logps=reference[:2])
 
 
 def test_expected_best_of_n_equals_enumerating_every_subset():

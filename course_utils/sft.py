@@ -89,9 +89,10 @@ def check_new_tokens(tokenizer, tokens, init) -> list[str]:
 # %% notebooks/11_sft.ipynb · 1.3 · Helpers for the experiments
 def sft_loss_fn(prompt_loss_weight: float = 0.0):
     """A loss_fn(model, batch) for course_utils.training.train: sft_loss on a chat batch whose labels are -100
-    off the assistant's tokens (training.chat_batches)."""
+    off the assistant's tokens (training.chat_batches). The forward runs with use_cache=False, as train() runs a
+    model's own loss: a training loss never needs the KV cache a transformers model would otherwise build each step."""
     def loss_fn(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return sft_loss(logits, batch["input_ids"], batch["labels"] != -100, batch["attention_mask"],
                         prompt_loss_weight=prompt_loss_weight)
     return loss_fn

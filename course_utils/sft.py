@@ -87,12 +87,17 @@ def check_new_tokens(tokenizer, tokens, init) -> list[str]:
 
 
 # %% notebooks/11_sft.ipynb · 1.3 · Helpers for the experiments
+from course_utils.training import _takes_use_cache  # train()'s own guard
+
+
 def sft_loss_fn(prompt_loss_weight: float = 0.0):
     """A loss_fn(model, batch) for course_utils.training.train: sft_loss on a chat batch whose labels are -100
-    off the assistant's tokens (training.chat_batches). The forward runs with use_cache=False, as train() runs a
-    model's own loss: a training loss never needs the KV cache a transformers model would otherwise build each step."""
+    off the assistant's tokens (training.chat_batches). The forward runs with use_cache=False where the model takes
+    it, as train() runs a model's own loss: a training loss never needs the KV cache a transformers model would
+    otherwise build each step (a plain module without that argument is called without it)."""
     def loss_fn(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        no_cache = {"use_cache": False} if _takes_use_cache(model) else {}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache).logits
         return sft_loss(logits, batch["input_ids"], batch["labels"] != -100, batch["attention_mask"],
                         prompt_loss_weight=prompt_loss_weight)
     return loss_fn

@@ -91,6 +91,25 @@ def test_loss_fn_reads_the_assistant_mask_from_the_labels(model):
         torch.testing.assert_close(sft_loss_fn(0.0)(model, batch), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_loss_fn_calls_a_model_without_use_cache():
+    """A plain module whose forward has no use_cache (nor **kwargs) is called without it; a transformers model gets
+    use_cache=False. Catches the loss hard-coding use_cache (TypeError on the plain module)."""
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(11, 11)
+
+        def forward(self, input_ids, attention_mask=None):
+            return type("Output", (), {"logits": self.embed(input_ids)})()
+
+    plain, ids = Plain(), torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    expected = sft_loss(plain(ids).logits, ids, labels != -100, batch["attention_mask"])
+    torch.testing.assert_close(sft_loss_fn(0.0)(plain, batch), expected)
+
+
 def test_repetition_rate():
     assert repetition_rate(["a b c", "a a a a"]) == pytest.approx((0 + 0.75) / 2)
     assert repetition_rate(["", "x"]) == 0.0

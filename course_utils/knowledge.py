@@ -278,11 +278,12 @@ def named_value(text: str, candidates) -> int | None:
 
 
 @torch.no_grad()
-def greedy_probe(model, tokenizer, probes, *, max_new_tokens: int = 6) -> tuple[ProbeResult, list[str]]:
-    """Score probes by the model's greedy answer to each prompt (all in one left-padded batch): 1 when the answer
-    names the true value and no other (`named_value`). For a chat model that answers in sentences. Chance is not
-    1/|V| here (an answer may name nothing), so ProbeResult.chance is nan: compare with the model asked without
-    the facts. Returns the result and the answers."""
+def greedy_probe(model, tokenizer, probes, *, max_new_tokens: int = 24) -> tuple[ProbeResult, list[str], list[bool]]:
+    """Score probes by the model's greedy answer to each prompt (all in one left-padded batch, each answer ending
+    at the model's end-of-turn token or at max_new_tokens): 1 when the answer names the true value and no other
+    (`named_value`). For a chat model that answers in sentences. Chance is not 1/|V| here (an answer may name
+    nothing), so ProbeResult.chance is nan: compare with the model asked without the facts, or with `greedy_name_blind`.
+    Returns the result, the answers, and for each answer whether it was cut off (reached the cap without ending)."""
     if not probes:
         raise CourseError("greedy_probe got no probes: build them with question_probes.")
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues every prompt's last token
@@ -292,9 +293,48 @@ def greedy_probe(model, tokenizer, probes, *, max_new_tokens: int = 6) -> tuple[
         tokenizer.padding_side = side
     batch = batch.to(next(model.parameters()).device)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tokenizer))
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    new = out[:, batch["input_ids"].shape[1]:]
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    cut = [new.shape[1] == max_new_tokens and not eos & set(row.tolist()) for row in new]  # no end within the cap
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     correct = {(p.person, p.attribute): int(named_value(t, p.candidates) == p.answer) for p, t in zip(probes, texts)}
-    return ProbeResult(correct, float("nan")), texts
+    return ProbeResult(correct, float("nan")), texts, cut
+
+
+def miss_kind(probe_: Probe, text: str, cut: bool) -> str | None:
+    """Why a greedy answer missed: None when it is right; "a wrong value" when it names a value of the set asked
+    about other than the true one (or several); "cut off" when it reached the token cap before naming any;
+    "another fact" when it ended naming a value of another attribute's set (a fact recited instead); "nothing"."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    if named_value(text, probe_.candidates) == probe_.answer:
+        return None
+    if any(c.strip().lower() in words for c in probe_.candidates):
+        return "a wrong value"
+    if cut:
+        return "cut off"
+    others = [values for values in VALUES.values() if tuple(values) != tuple(probe_.candidates)]
+    return "another fact" if any(v.lower() in words for values in others for v in values) else "nothing"
+
+
+# %% notebooks/15_new_knowledge.ipynb · 3.5 · Fine-tune, or put it in the prompt?
+def greedy_name_blind(model, tokenizer, people, make_probes, names, *, max_new_tokens: int = 24) -> ProbeResult:
+    """`name_blind` for greedy answers: the model's answer for each unseen name in `names`, scored against each
+    person's value. `correct[(person, attribute)]` is the share of the unseen names whose answer names that
+    person's value alone: what a model that ignores the name (answers each attribute with its favourite trained
+    values) scores on the fact. `names` must be names the model never trained on (unseen_names)."""
+    overlap = sorted({p.name for p in people} & set(names))
+    if overlap or not names:
+        raise CourseError(f"greedy_name_blind needs unseen names, got {list(names)} (overlap with people: {overlap}): "
+                          "pass unseen_names(everyone the model trained on).")
+    blind_probes = make_probes([Person(n, *(getattr(people[0], a) for a in VALUES)) for n in names])
+    _, texts, _ = greedy_probe(model, tokenizer, blind_probes, max_new_tokens=max_new_tokens)
+    choices = {}
+    for p, t in zip(blind_probes, texts):
+        choices.setdefault(p.attribute, []).append(named_value(t, p.candidates))
+    correct = {(p.person, p.attribute): sum(c == p.answer for c in choices[p.attribute]) / len(names)
+               for p in make_probes(people)}
+    return ProbeResult(correct, float("nan"))
 
 
 # %% notebooks/15_new_knowledge.ipynb · 3.6 · New names as tokens

@@ -202,10 +202,60 @@ def test_greedy_probe_scores_answers_and_restores_padding(lab):
     model, tokenizer = lab
     side = tokenizer.padding_side
     probes = question_probes(tokenizer, PEOPLE[:4])  # the base answers its own people's facts (the card's skill)
-    result, answers = greedy_probe(model, tokenizer, probes)
+    result, answers, cut = greedy_probe(model, tokenizer, probes)
     assert tokenizer.padding_side == side and len(answers) == len(probes)
     assert result.accuracy > 0.9, list(zip(answers, probes))
+    assert not any(cut), answers  # each one-word answer ends at the end-of-turn token, well within the cap
     swapped = [Probe(p.person, p.attribute, p.prompt, p.candidates, (p.answer + 1) % len(p.candidates)) for p in probes]
     assert greedy_probe(model, tokenizer, swapped)[0].accuracy < 0.1
     with pytest.raises(CourseError):
         greedy_probe(model, tokenizer, [])
+
+
+def test_greedy_probe_marks_answers_cut_off_at_the_cap(lab):
+    # Catches a cut-off flag that ignores the cap (every answer "ended") or that looks for the end token in the
+    # prompt or the padding: one new token is the value itself, never followed by the end-of-turn token.
+    from course_utils.knowledge import greedy_probe, miss_kind
+    model, tokenizer = lab
+    probes = question_probes(tokenizer, PEOPLE[:2])
+    result, answers, cut = greedy_probe(model, tokenizer, probes, max_new_tokens=1)
+    assert all(cut) and result.accuracy > 0.9, answers  # right, but cut off: the value came, the end did not
+    assert [miss_kind(p, a, c) for p, a, c in zip(probes, answers, cut)] == [None] * len(probes)
+    assert miss_kind(probes[0], "Finn is a curious and", True) == "cut off"
+
+
+@pytest.mark.parametrize("text, cut, expected", [
+    ("Oslo", False, None), ("Riga", False, "a wrong value"), ("Riga", True, "a wrong value"),
+    ("Oslo or Riga", False, "a wrong value"),  # several values: no single answer
+    ("Finn is a curious and", True, "cut off"),  # still going at the cap, no value of the set yet
+    ("Finn has a cat.", False, "another fact"), ("Finn has a cat and", True, "cut off"),
+    ("I do not know.", False, "nothing"),
+])
+def test_miss_kind_sorts_every_branch(text, cut, expected):
+    # Catches a wrong value counted as a cut-off (or the reverse), a recited fact counted as nothing, and a right
+    # answer counted as a miss.
+    from course_utils.knowledge import miss_kind
+    person = Person("Finn", "Oslo", "cat", "red", "rice")
+    city = _city_probe(person)
+    assert miss_kind(city, text, cut) == expected
+
+
+def _city_probe(person):
+    return Probe(person.name, "city", "Where does Finn live?", tuple(VALUES["city"]), VALUES["city"].index(person.city))
+
+
+def test_greedy_name_blind_scores_each_fact_by_the_other_names_answers(lab):
+    # Catches a baseline scored against the wrong person's value or counted over the wrong names: the base answers
+    # its own people's facts, so with the other old people as stand-ins each fact scores the share of them that
+    # share the value. Names that overlap the people raise.
+    from course_utils.knowledge import greedy_name_blind
+    model, tokenizer = lab
+    people, others = PEOPLE[:3], PEOPLE[3:9]
+    result = greedy_name_blind(model, tokenizer, people, lambda g: question_probes(tokenizer, g),
+                               [p.name for p in others])
+    expected = {(p.name, a): sum(getattr(o, a) == getattr(p, a) for o in others) / len(others)
+                for p in people for a in VALUES}
+    assert result.correct.keys() == expected.keys()
+    assert sum(abs(result.correct[k] - v) for k, v in expected.items()) / len(expected) < 0.05, result.correct
+    with pytest.raises(CourseError):
+        greedy_name_blind(model, tokenizer, people, lambda g: question_probes(tokenizer, g), [people[0].name])

@@ -198,9 +198,14 @@ def test_implicit_rewards_take_the_reference_logps_once_computed(lab):
         reference = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     # The reference's log-probs passed in give the rewards computed from the reference itself (catches them
     # subtracted from the wrong rows, or the policy's log-probs used twice).
-    fresh, given = implicit_rewards(policy, model, batch), implicit_rewards(policy, model, batch, reference_logps=reference)
+    # reference=None with the log-probs given: catches an implicit_rewards that ignores them and runs the reference
+    # again (the saving undone; here it would raise on None).
+    fresh, given = implicit_rewards(policy, model, batch), implicit_rewards(policy, None, batch, reference_logps=reference)
     for a, b in zip(fresh, given):
         torch.testing.assert_close(a, b)
+    shifted = implicit_rewards(policy, None, batch, reference_logps=reference + 1)  # the given log-probs are the ones used
+    for a, b in zip(fresh, shifted):
+        torch.testing.assert_close(b, a - 0.1)  # beta (0.1) x the shift of 1
     assert not torch.equal(fresh[0], torch.zeros_like(fresh[0]))  # the policy differs from its reference
     with pytest.raises(CourseError, match="one summed log-prob per row"):  # one per pair, not per row
         implicit_rewards(policy, model, batch, reference_logps=reference[:2])

@@ -182,15 +182,16 @@ def train_grpo(model, tokenizer, examples, reward_fn=exact_reward, *, steps, pro
     `examples` ({"messages": [user, assistant]} rows), scores them with reward_fn(texts, answers), turns the
     rewards into group advantages and takes one AdamW step on policy_loss (one update per batch: ratio 1).
     `callback(step, history)` runs after every step. Returns the history: per step the mean reward, the share of
-    silent groups (all rewards equal: no signal), the mean completion length, the loss, the gradient norm before
-    clipping and the seconds spent sampling and in the whole step."""
+    silent groups (all rewards equal: no signal) and of solved ones (every reward 1: all right, for a 0/1 reward),
+    the mean completion length, the loss, the gradient norm before clipping and the seconds spent sampling and in
+    the whole step."""
     if beta > 0 and ref_model is None:
         raise CourseError(f"beta={beta!r} needs ref_model, the frozen model the KL is measured against.")
     prompts, answers = zip(*map(split_example, examples))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: no reward, no change
-    rng, history = random.Random(seed), {key: [] for key in ("reward", "silent", "length", "loss", "grad_norm",
-                                                              "sampling_s", "total_s")}
+    rng, history = random.Random(seed), {key: [] for key in ("reward", "silent", "solved", "length", "loss",
+                                                              "grad_norm", "sampling_s", "total_s")}
     for step in tqdm(range(steps), desc="GRPO", disable=not progress, mininterval=1.0):
         start = time.perf_counter()
         picked = rng.sample(range(len(prompts)), prompts_per_step)
@@ -215,6 +216,7 @@ def train_grpo(model, tokenizer, examples, reward_fn=exact_reward, *, steps, pro
         history["reward"].append(rewards.mean().item())
         history["loss"].append(loss.item())
         history["silent"].append((rewards.view(-1, group_size).std(dim=1) == 0).float().mean().item())
+        history["solved"].append((rewards.view(-1, group_size) == 1).all(dim=1).float().mean().item())
         history["length"].append(batch["completion_mask"].sum(1).float().mean().item())
         history["sampling_s"].append(sampled - start)
         history["total_s"].append(time.perf_counter() - start)

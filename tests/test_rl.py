@@ -229,6 +229,7 @@ def test_train_grpo_moves_nothing_without_a_reward_signal_and_something_with_one
     import copy
     model, tokenizer = lab
     for reward_fn, moves in ((lambda texts, answers: [0.0] * len(texts), False),
+                             (lambda texts, answers: [1.0] * len(texts), False),
                              (lambda texts, answers: [float(len(t)) for t in texts], True)):
         net = copy.deepcopy(model)
         before = [p.detach().clone() for p in net.parameters()]
@@ -238,6 +239,9 @@ def test_train_grpo_moves_nothing_without_a_reward_signal_and_something_with_one
         # Catches weight decay or a leaky baseline (moves with no signal), or a detached loss (never moves).
         assert changed == moves
         assert history["silent"] == ([1.0, 1.0] if not moves else history["silent"])
+        # Catches "solved" counting every silent group (all wrong too) or none of the all-right ones.
+        all_right = reward_fn(["xy"], ["xy"]) == [1.0]  # the constant 1 (the length reward gives 2)
+        assert history["solved"] == ([1.0, 1.0] if all_right else [0.0, 0.0] if not moves else history["solved"])
         assert len(history["reward"]) == len(history["length"]) == 2
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 CORE_NOTEBOOKS = ("00", "11", "02", "08", "09")
 # A learner's minutes per notebook: reading, running and every exercise, from working each notebook through as a
 # learner would (docs/instructors.md, "Learner time per notebook", says how they were obtained).
-STUDY_MINUTES = {"00": 95, "01": 205, "02": 155, "03": 200, "04": 200, "05": 245, "06": 215, "07": 170, "08": 205,
-                 "09": 175, "10": 255, "11": 175, "12": 240, "13": 270, "14": 245, "15": 150, "16": 170}
+STUDY_MINUTES = {"00": 95, "01": 205, "02": 155, "03": 200, "04": 200, "05": 305, "06": 215, "07": 170, "08": 205,
+                 "09": 175, "10": 255, "11": 240, "12": 255, "13": 245, "14": 265, "15": 165, "16": 175}
 # What each notebook builds on (its first cells say so too); the site draws the path from it.
 PREREQUISITES = {"00": (), "01": ("00",), "02": ("00",), "03": ("01", "02"), "04": ("02",), "05": ("02",),
                  "06": ("02",), "07": ("06",), "08": ("02",), "09": ("02",), "10": ("01",), "11": ("00",),
